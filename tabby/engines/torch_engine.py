@@ -1,0 +1,350 @@
+"""The CPU engine: Hugging Face model folders run with PyTorch through transformers.
+
+Weights are read module by module (one progress step per module really in memory). Generation
+runs on one worker thread that steps every running job in turn, each with its own KV cache, so
+several answers progress at once while the event loop stays free to serve HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import gc
+import json
+import re
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tabby.engines.base import (
+    ContextLengthError,
+    GenerationChunk,
+    LoadOptions,
+    ModelFolderError,
+    SamplingParams,
+    read_model_config,
+)
+from tabby.engines.sampling import sample_next
+from tabby.engines.weights import WeightReader, index_tensors
+
+# Decoder-only architectures whose transformers implementation this engine has been run with.
+SUPPORTED_ARCHITECTURES = frozenset(
+    {
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "GemmaForCausalLM",
+        "Gemma2ForCausalLM",
+        "Phi3ForCausalLM",
+        "GPT2LMHeadModel",
+        "GraniteForCausalLM",
+    }
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+_LAYER = re.compile(r"^(.*\.(?:layers|h)\.\d+)\.(.+)$")
+
+
+def module_groups(names: list[str]) -> list[tuple[str, list[str]]]:
+    """Group tensor names into load steps: embeddings, per layer attention and MLP, final norm, head."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        match = _LAYER.match(name)
+        if match:
+            rest = match.group(2)
+            part = "attn" if "attn" in rest or rest.startswith(("input_layernorm", "ln_1")) else "mlp"
+            key = f"{match.group(1)}.{part}"
+        else:
+            key = name.rsplit(".", 1)[0]
+        groups.setdefault(key, []).append(name)
+    return list(groups.items())
+
+
+def _release_memory() -> None:
+    gc.collect()
+    try:  # glibc keeps freed heap pages; hand them back so unload really returns memory
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass
+class _Job:
+    prompt_ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[GenerationChunk | BaseException]
+    generator: torch.Generator
+    cache: Any = None
+    generated: list[int] = field(default_factory=list)
+    sent_text: str = ""
+    cancelled: bool = False
+
+    def push(self, item: GenerationChunk | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the request's loop is gone
+            self.cancelled = True
+
+
+class TorchEngine:
+    backend = "torch"
+
+    def __init__(self, model_dir: Path, options: LoadOptions) -> None:
+        self.model_dir = model_dir
+        self.model_name = model_dir.name
+        self.options = options
+        self.config_json = read_model_config(model_dir)
+        architecture = self.config_json["architectures"][0]
+        if architecture not in SUPPORTED_ARCHITECTURES:
+            raise ModelFolderError(
+                f"The architecture {architecture} of {self.model_name} is not supported by the torch engine "
+                f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})."
+            )
+        self.tensors = index_tensors(model_dir)
+        self.hf_config = self._read_hf_config()
+        if not any((model_dir / name).exists() for name in TOKENIZER_FILES):
+            raise ModelFolderError(f"No tokenizer files (tokenizer.json) found in {model_dir}")
+        native = int(self.config_json.get("max_position_embeddings") or 2048)
+        self.max_seq_len = min(options.max_seq_len or native, native)
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.stop_token_ids: list[int] = []
+        self.bos_token_id: int | None = None
+        self._jobs: list[_Job] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def _read_hf_config(self) -> Any:
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(self.model_dir)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelFolderError(f"Failed to read config.json of {self.model_name}: {exc}") from None
+
+    # Loading
+
+    def load_gen(self) -> Iterator[tuple[int, int]]:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelFolderError(f"Failed to read the tokenizer of {self.model_name}: {exc}") from None
+        entries = self.tensors
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(self.hf_config, dtype=torch.float32)
+        expected = list(model.state_dict().keys())
+        present = [name for name in expected if name in entries]
+        groups = module_groups(present)
+        reader = WeightReader(self.options.load_throttle_mbps)
+        try:
+            for k, (_, names) in enumerate(groups, start=1):
+                tensors = {name: reader.read(entries[name]).to(torch.float32) for name in names}
+                model.load_state_dict(tensors, strict=False, assign=True)
+                del tensors
+                if k == len(groups):  # the last step also makes the model ready to answer
+                    self._finish_model(model)
+                yield k, len(groups)
+        finally:
+            reader.close()
+
+    def _finish_model(self, model: Any) -> None:
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.tie_weights()
+        for name, module in list(model.named_modules()):
+            if any(buf.is_meta for buf in module.buffers(recurse=False)) and type(module).__name__.endswith("RotaryEmbedding"):
+                parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+                setattr(parent, name.rsplit(".", 1)[-1], type(module)(model.config))
+        missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+        if missing:
+            raise ModelFolderError(f"The weights of {self.model_name} lack {len(missing)} tensors, e.g. {missing[0]}")
+        model.eval()
+        self.model = model
+        self.stop_token_ids = self._eos_ids()
+        self.bos_token_id = self.tokenizer.bos_token_id
+        self._thread = threading.Thread(target=self._run, name=f"generate-{self.model_name}", daemon=True)
+        self._thread.start()
+
+    def _eos_ids(self) -> list[int]:
+        """The union of config.json's, generation_config.json's and the tokenizer's EOS ids."""
+        ids: set[int] = set()
+        sources: list[Any] = [self.config_json.get("eos_token_id"), self.tokenizer.eos_token_id]
+        generation_config = self.model_dir / "generation_config.json"
+        if generation_config.exists():
+            sources.append(json.loads(generation_config.read_text(encoding="utf-8")).get("eos_token_id"))
+        for value in sources:
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list):
+                ids.update(v for v in value if isinstance(v, int))
+        return sorted(ids)
+
+    # Tokens and templates
+
+    def encode(self, text: str, add_bos: bool = True, encode_special_tokens: bool = True) -> list[int]:
+        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=not encode_special_tokens)
+        if add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
+            ids.insert(0, self.bos_token_id)
+        return ids
+
+    def decode(self, ids: list[int], decode_special_tokens: bool = True) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=not decode_special_tokens))
+
+    def render_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, template_vars: dict[str, Any] | None = None
+    ) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ModelFolderError(f"{self.model_name} has no chat template; use /v1/completions instead.")
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **(template_vars or {})
+        )
+        bos = self.tokenizer.bos_token
+        # The prompt gets its BOS from encode(); a template that writes one too would double it.
+        return str(text[len(bos) :] if bos and text.startswith(bos) else text)
+
+    def card_parameters(self) -> dict[str, Any]:
+        return {
+            "max_seq_len": self.max_seq_len,
+            "cache_size": self.max_seq_len,
+            "cache_mode": "FP32",
+            "rope_scale": 1.0,
+            "rope_alpha": 1.0,
+            "max_batch_size": None,
+            "chunk_size": self.max_seq_len,
+            "prompt_template": "tokenizer_config" if getattr(self.tokenizer, "chat_template", None) else None,
+            "prompt_template_content": None,
+            "use_vision": False,
+            "draft": None,
+        }
+
+    # Generation
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationChunk]:
+        if len(prompt_ids) >= self.max_seq_len:
+            raise ContextLengthError(len(prompt_ids), self.max_seq_len)
+        params.max_tokens = min(params.max_tokens, self.max_seq_len - len(prompt_ids))
+        generator = torch.Generator()
+        generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        job = _Job(prompt_ids, params, asyncio.get_running_loop(), asyncio.Queue(), generator)
+        with self._cond:
+            if self.model is None or self._stopping:
+                raise RuntimeError("The model was unloaded.")
+            self._jobs.append(job)
+            self._cond.notify()
+        try:
+            while True:
+                item = await job.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason:
+                    return
+        finally:
+            job.cancelled = True  # the worker drops it at its next turn
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._jobs and not self._stopping:
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                    jobs = list(self._jobs)
+                for job in jobs:
+                    self._step_or_drop(job)
+
+    def _step_or_drop(self, job: _Job) -> None:
+        done = job.cancelled
+        if not done:
+            try:
+                done = self._step(job)
+            except Exception as exc:  # a failed step ends that job only
+                job.push(exc)
+                done = True
+        if done:
+            job.cache = None
+            with self._cond:
+                if job in self._jobs:
+                    self._jobs.remove(job)
+
+    def _step(self, job: _Job) -> bool:
+        """Advance one job by one token; True when it has finished."""
+        if job.cache is None:
+            inputs = torch.tensor([job.prompt_ids], dtype=torch.long)
+        else:
+            inputs = torch.tensor([[job.generated[-1]]], dtype=torch.long)
+        out = self.model(input_ids=inputs, past_key_values=job.cache, use_cache=True, logits_to_keep=1)
+        job.cache = out.past_key_values
+        params = job.params
+        banned = self.stop_token_ids if params.ban_eos_token or len(job.generated) < params.min_tokens else []
+        token = sample_next(out.logits[0, -1], job.prompt_ids + job.generated, job.generated, params, job.generator, banned)
+        if token in self.stop_token_ids or token in params.stop_token_ids:
+            rest = self.decode(job.generated, decode_special_tokens=False)[len(job.sent_text) :]
+            job.push(self._final(job, rest.rstrip("\ufffd"), "stop", None))
+            return True
+        job.generated.append(token)
+        return self._emit(job)
+
+    def _emit(self, job: _Job) -> bool:
+        text = self.decode(job.generated, decode_special_tokens=False)
+        for stop in job.params.stop:
+            at = text.find(stop, max(0, len(job.sent_text) - len(stop)))
+            if at >= 0:
+                job.push(self._final(job, text[len(job.sent_text) : at], "stop", stop))
+                return True
+        if len(job.generated) >= job.params.max_tokens:
+            job.push(self._final(job, text[len(job.sent_text) :], "length", None))
+            return True
+        safe = len(text) - _held_back(text, job.params.stop)
+        if safe > len(job.sent_text):
+            piece = text[len(job.sent_text) : safe]
+            job.sent_text = text[:safe]
+            job.push(GenerationChunk(text=piece, token_count=len(job.generated)))
+        return False
+
+    def _final(self, job: _Job, text: str, reason: str, stop_str: str | None) -> GenerationChunk:
+        return GenerationChunk(
+            text=text,
+            token_count=len(job.generated),
+            finish_reason=reason,
+            stop_str=stop_str,
+            prompt_tokens=len(job.prompt_ids),
+            completion_tokens=len(job.generated),
+        )
+
+    # Unloading
+
+    def unload(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+        for job in self._jobs:
+            job.push(RuntimeError("The model was unloaded."))
+        self._jobs.clear()
+        self.model = None
+        self.tokenizer = None
+        _release_memory()
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters to hold: an unfinished UTF-8 sequence or a possible stop-string start."""
+    if text.endswith("\ufffd"):
+        return len(text) - len(text.rstrip("\ufffd"))
+    hold = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:n]):
+                hold = n
+                break
+    return hold
+
