@@ -1,0 +1,19 @@
+"""`make bench`: every benchmark, each figure printed with its ratio to a baseline from the same run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import tabby_bench  # noqa: E402
+
+
+def main() -> None:
+    print("== Model server (tabby/) ==")
+    tabby_bench.main()
+
+
+if __name__ == "__main__":
+    main()
