@@ -1,0 +1,609 @@
+"""The GPU engine: EXL2 and FP16 model folders on exllamav2 0.3.x.
+
+exllamav2 builds or loads its CUDA extension at import time (even `ExLlamaV2Config` needs it),
+so nothing here imports it, or torch, until a load starts: `import_exllamav2()` is the only door.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import importlib
+import importlib.util
+import math
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from tabby.engines.base import (
+    ContextLengthError,
+    EngineUnavailableError,
+    GenerationChunk,
+    LoadOptions,
+    ModelFolderError,
+    SamplingParams,
+    read_model_config,
+)
+from tabby.templating import (
+    ChatTemplateError,
+    compile_chat_template,
+    find_chat_template,
+    read_tokenizer_config,
+    render_chat_template,
+)
+
+# What exllamav2 0.3.2's architecture.py knows. Anything else loads *as Llama* with only a printed
+# warning (and then produces garbage), so unknown names are refused here instead.
+SUPPORTED_ARCHITECTURES = frozenset({
+    "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "YiForCausalLM",
+    "OrionForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
+    "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "GemmaForCausalLM",
+    "Gemma2ForCausalLM", "Gemma3ForConditionalGeneration", "GemmoeForCausalLM",
+    "Starcoder2ForCausalLM", "CohereForCausalLM", "Cohere2ForCausalLM", "DbrxForCausalLM",
+    "Phi3ForCausalLM", "GPTBigCodeForCausalLM", "GPT2LMHeadModel", "MiniCPMForCausalLM",
+    "InternLM2ForCausalLM", "IndexForCausalLM", "GraniteForCausalLM", "Glm4ForCausalLM",
+})
+# Recognised only with a Pixtral vision tower; otherwise they too fall back to Llama.
+PIXTRAL_ARCHITECTURES = frozenset({"LlavaForConditionalGeneration", "Mistral3ForConditionalGeneration"})
+UNSUPPORTED_QUANT_METHODS = {"exl3": "exllamav3", "awq": "another backend", "fp8": "another backend"}
+
+CACHE_CLASSES = {
+    "FP16": "ExLlamaV2Cache", "Q8": "ExLlamaV2Cache_Q8", "Q6": "ExLlamaV2Cache_Q6", "Q4": "ExLlamaV2Cache_Q4",
+}
+PAGE_SIZE = 256  # the dynamic generator's page; the cache must hold whole pages even unpaged
+DEFAULT_CHUNK_SIZE = 2048
+DEFAULT_RESERVE_MB = 96.0
+MAX_Q_SIZE = 8  # the dynamic generator's default max_q_size
+MIN_FLASH_ATTN = (2, 5, 7)
+LOOP_TIMEOUT_S = 60.0
+
+
+class GenerationAbortedError(RuntimeError):
+    """The model was unloaded while an answer was still being generated."""
+
+    def __init__(self) -> None:
+        super().__init__("The model was unloaded while this answer was being generated.")
+
+
+@dataclass(frozen=True)
+class ExLlamaV2Modules:
+    """The imported library: `core` is `exllamav2`, `generator` is `exllamav2.generator`."""
+
+    core: ModuleType
+    generator: ModuleType
+
+
+def import_exllamav2() -> ExLlamaV2Modules:
+    """Import exllamav2, or raise EngineUnavailableError with what to do instead."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise EngineUnavailableError(
+            f"The exllamav2 backend needs PyTorch with CUDA, and PyTorch cannot be imported here: {exc}"
+        ) from None
+    if not torch.cuda.is_available():
+        raise EngineUnavailableError(
+            "The exllamav2 backend needs an NVIDIA GPU with CUDA, and none is available on this machine. "
+            "Use backend 'torch' (or 'auto') instead."
+        )
+    if importlib.util.find_spec("exllamav2") is None:
+        raise EngineUnavailableError(
+            "The exllamav2 backend is not available: exllamav2 is not installed. Install Gantry's 'gpu' "
+            "extra on this GPU machine, or use backend 'torch' (or 'auto') instead."
+        )
+    threads = torch.get_num_threads()
+    try:
+        return ExLlamaV2Modules(importlib.import_module("exllamav2"), importlib.import_module("exllamav2.generator"))
+    except (ImportError, OSError, RuntimeError) as exc:
+        # Importing exllamav2.model sets torch to one thread process-wide; a failed import must not.
+        torch.set_num_threads(threads)
+        raise EngineUnavailableError(
+            f"exllamav2 is installed but its CUDA extension could not be loaded ({type(exc).__name__}: {exc}). "
+            "It needs a prebuilt wheel matching this torch and CUDA, or the CUDA toolkit and ninja to build it. "
+            "Fix the 'gpu' install or use backend 'torch' (or 'auto') instead."
+        ) from exc
+
+
+def check_model_folder(model_dir: Path) -> dict[str, Any]:
+    """config.json, when the folder is something exllamav2 0.3.2 really loads; else ModelFolderError."""
+    config = read_model_config(model_dir)
+    _check_architecture(model_dir, config)
+    quant_method = str(_section(config, "quantization_config").get("quant_method", "")).lower()
+    if quant_method in UNSUPPORTED_QUANT_METHODS:
+        raise ModelFolderError(
+            f"{model_dir.name} is a {quant_method.upper()} model, which exllamav2 cannot load; "
+            f"use {UNSUPPORTED_QUANT_METHODS[quant_method]}."
+        )
+    if not any(model_dir.glob("*.safetensors")):
+        raise ModelFolderError(f"{model_dir.name} has no *.safetensors weights; exllamav2 loads only safetensors.")
+    if not (model_dir / "tokenizer.json").is_file():
+        raise ModelFolderError(
+            f"{model_dir.name} has no tokenizer.json; exllamav2 0.3 needs it "
+            "(SentencePiece-only models no longer load)."
+        )
+    return config
+
+
+def _check_architecture(model_dir: Path, config: dict[str, Any]) -> None:
+    architecture = config["architectures"][0]
+    vision_type = _section(config, "vision_config").get("model_type")
+    if architecture in SUPPORTED_ARCHITECTURES or (architecture in PIXTRAL_ARCHITECTURES and vision_type == "pixtral"):
+        return
+    raise ModelFolderError(
+        f"The exllamav2 backend does not support the architecture {architecture} of {model_dir.name} "
+        "(it would load it as Llama and produce garbage). Use backend 'torch' for this model."
+    )
+
+
+def _section(config: dict[str, Any], key: str) -> dict[str, Any]:
+    value = config.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def check_cache_mode(cache_mode: str | None) -> str:
+    mode = (cache_mode or "FP16").upper()
+    if mode in {"8BIT", "FP8"}:
+        raise ValueError(
+            "Cache mode 8bit (FP8) does not work with exllamav2's dynamic generator; use FP16, Q8, Q6 or Q4."
+        )
+    if mode not in CACHE_CLASSES:
+        raise ValueError(f"Unknown cache mode {cache_mode!r}; use FP16, Q8, Q6 or Q4.")
+    return mode
+
+
+def round_up_to_page(tokens: int) -> int:
+    return max(PAGE_SIZE, math.ceil(tokens / PAGE_SIZE) * PAGE_SIZE)
+
+
+def native_max_seq_len(config: dict[str, Any]) -> int:
+    """The context length exllamav2's prepare() will read, looked up the same way."""
+    keys = ("max_sequence_length", "model_max_length", "max_position_embeddings", "max_seq_len", "n_positions")
+    for source in (config, _section(config, "text_config")):
+        for key in keys:
+            if isinstance(source.get(key), int):
+                return int(source[key])
+    return 2048
+
+
+def eos_token_ids(config: dict[str, Any], generation_config: dict[str, Any] | None, fallback: int | None) -> list[int]:
+    """The union of config.json and generation_config.json EOS ids (exllamav2 keeps only the first)."""
+    ids: list[int] = []
+    for source in (config, generation_config or {}):
+        value = source.get("eos_token_id")
+        ids += [value] if isinstance(value, int) else [v for v in value or [] if isinstance(v, int)]
+    if not ids and fallback is not None:
+        ids = [fallback]
+    return list(dict.fromkeys(ids))
+
+
+def flash_attn_supports_paging() -> bool:
+    """flash-attn >= 2.5.7 importable and every GPU of compute capability 8 or more."""
+    try:
+        import flash_attn
+        import torch
+    except (ImportError, OSError, RuntimeError):
+        return False
+    numbers = re.findall(r"\d+", str(getattr(flash_attn, "__version__", "0")))[:3]
+    if tuple(int(n) for n in numbers) < MIN_FLASH_ATTN:
+        return False
+    return all(torch.cuda.get_device_capability(i)[0] >= 8 for i in range(torch.cuda.device_count()))
+
+
+def _report_progress(module: int, modules: int) -> Iterator[tuple[int, int]]:
+    # exllamav2 runs this before module `module` loads, then once more as (n, n): k modules are loaded.
+    yield module, modules
+
+
+def _current_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _run_on_loop(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None], inline: Callable[[], None]) -> None:
+    """Await `coro` on `loop` from another thread; on the loop's own thread (or a stopped loop) run `inline`."""
+    if loop.is_closed():
+        coro.close()
+    elif loop.is_running() and _current_loop() is not loop:
+        asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=LOOP_TIMEOUT_S)
+    else:
+        # Waiting for the loop from its own thread would deadlock.
+        coro.close()
+        inline()
+
+
+class ExLlamaV2Engine:
+    """One EXL2/FP16 model on exllamav2's asyncio dynamic generator."""
+
+    def __init__(self, model_dir: Path, options: LoadOptions) -> None:
+        self.model_dir = model_dir
+        self.model_name = model_dir.name
+        self.options = options
+        self.hf_config = check_model_folder(model_dir)
+        self.cache_mode = check_cache_mode(options.cache_mode)
+        # Estimates until load_gen() reads the real values from exllamav2's config.
+        max_seq_len = options.max_seq_len or native_max_seq_len(self.hf_config)
+        self.cache_size = round_up_to_page(options.cache_size or max_seq_len)
+        self.max_seq_len = min(max_seq_len, self.cache_size)
+        self.rope_scale = options.rope_scale
+        self.rope_alpha = options.rope_alpha
+        self.max_batch_size = 1
+        self.chunk_size = DEFAULT_CHUNK_SIZE
+        self.paged = False
+        self.prompt_template: str | None = None
+        self.eos_ids: list[int] = []
+        self.add_bos_token = True
+        self._lib: ExLlamaV2Modules | None = None
+        self._config: Any = None
+        self._model: Any = None
+        self._cache: Any = None
+        self._tokenizer: Any = None
+        self._template: Any = None
+        self._generator: Any = None
+        self._generator_loop: asyncio.AbstractEventLoop | None = None
+        self._jobs: set[Any] = set()
+
+    # Loading
+
+    def load_gen(self) -> Generator[tuple[int, int], None, None]:
+        try:
+            self._lib = import_exllamav2()
+            self._config = self._prepare_config()
+            self._model = self._lib.core.ExLlamaV2(self._config)
+            yield from self._throttled(self._load_weights())
+            self._check_vram()
+            self._load_tokenizer()
+            self._plan_generator()
+        except BaseException:
+            self.unload()
+            raise
+
+    def _prepare_config(self) -> Any:
+        assert self._lib is not None
+        cfg = self._lib.core.ExLlamaV2Config()
+        cfg.model_dir = str(self.model_dir)
+        try:
+            cfg.prepare()
+        except (AssertionError, KeyError, TypeError, ValueError, OSError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            raise ModelFolderError(f"exllamav2 could not read the model folder {self.model_name} ({reason}).") from None
+        self._apply_overrides(cfg)
+        cfg.arch_compat_overrides(quiet=False, warn_only=False)
+        return cfg
+
+    def _apply_overrides(self, cfg: Any) -> None:
+        """The load options; prepare() has just overwritten max_seq_len with the model's own."""
+        if self.options.max_seq_len:
+            cfg.max_seq_len = self.options.max_seq_len
+        self.cache_size = round_up_to_page(self.options.cache_size or cfg.max_seq_len)
+        cfg.max_seq_len = min(cfg.max_seq_len, self.cache_size)
+        if self.options.rope_scale is not None:
+            cfg.scale_pos_emb = self.options.rope_scale
+        if self.options.rope_alpha is not None:
+            cfg.scale_alpha_value = self.options.rope_alpha
+        self.rope_scale, self.rope_alpha = cfg.scale_pos_emb, cfg.scale_alpha_value
+        chunk_size = min(round_up_to_page(self.options.chunk_size or DEFAULT_CHUNK_SIZE), cfg.max_seq_len)
+        cfg.max_input_len = chunk_size
+        cfg.max_attention_size = chunk_size**2
+        cfg.max_output_len = 16
+        self.max_seq_len = cfg.max_seq_len
+
+    def _new_cache(self, lazy: bool) -> Any:
+        assert self._lib is not None
+        cache_class = getattr(self._lib.core, CACHE_CLASSES[self.cache_mode])
+        return cache_class(self._model, batch_size=1, max_seq_len=self.cache_size, lazy=lazy)
+
+    def _load_weights(self) -> Iterator[tuple[int, int]]:
+        if self.options.gpu_split_auto is not False:
+            # Autosplit places the cache as it fills each GPU, so the cache must exist first, unallocated.
+            self._cache = self._new_cache(lazy=True)
+            reserve = [int(mb * 1024**2) for mb in self.options.autosplit_reserve or [DEFAULT_RESERVE_MB]]
+            yield from self._model.load_autosplit_gen(
+                self._cache, reserve_vram=reserve, last_id_only=True, callback_gen=_report_progress
+            )
+        else:
+            # A manual split decides the devices; the cache follows the model's cache_map afterwards.
+            yield from self._model.load_gen(gpu_split=self.options.gpu_split, callback_gen=_report_progress)
+            self._cache = self._new_cache(lazy=False)
+
+    def _throttled(self, progress: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+        """Drop the (0, n) sent before anything loads; pace modules when a disk speed is simulated."""
+        per_module_bytes = 0.0
+        for k, n in progress:
+            if k == 0:
+                continue
+            if self.options.load_throttle_mbps > 0:
+                per_module_bytes = per_module_bytes or self._weights_bytes() / n
+                time.sleep(per_module_bytes / (self.options.load_throttle_mbps * 1_000_000))
+            yield k, n
+
+    def _weights_bytes(self) -> int:
+        return sum(path.stat().st_size for path in self.model_dir.glob("*.safetensors"))
+
+    def _check_vram(self) -> None:
+        import torch
+
+        # One full-chunk pass now, so a cache that does not fit fails the load, not the first request.
+        input_ids = torch.zeros((1, self._config.max_input_len), dtype=torch.long)
+        self._model.forward(input_ids, cache=self._cache, preprocess_only=True)
+
+    def _load_tokenizer(self) -> None:
+        assert self._lib is not None
+        self._tokenizer = self._lib.core.ExLlamaV2Tokenizer(self._config)
+        generation_config = getattr(self._config, "generation_config", None)
+        self.eos_ids = eos_token_ids(self.hf_config, generation_config, self._tokenizer.eos_token_id)
+        self.add_bos_token = read_tokenizer_config(self.model_dir).get("add_bos_token", True) is not False
+        template = find_chat_template(self.model_dir, self.options.prompt_template)
+        if template is not None:
+            self._template = compile_chat_template(template)
+            self.prompt_template = template.name
+
+    def _plan_generator(self) -> None:
+        """Decide the generator's shape now (the card shows it) and build it later inside the loop."""
+        # load_autosplit may have clamped max_input_len to max_seq_len; paged chunks must be whole pages.
+        paged_chunk = self._config.max_input_len // PAGE_SIZE * PAGE_SIZE
+        self.paged = paged_chunk > 0 and not self._config.no_flash_attn and flash_attn_supports_paging()
+        self.chunk_size = paged_chunk if self.paged else self._config.max_input_len
+        # Unpaged, one page spans the whole cache: only one job can run at a time.
+        self.max_batch_size = self._config.max_input_len // MAX_Q_SIZE if self.paged else 1
+
+    # Tokens and templates
+
+    def encode(self, text: str, add_bos: bool = True, encode_special_tokens: bool = True) -> list[int]:
+        ids = self._loaded_tokenizer().encode(
+            text, add_bos=add_bos and self.add_bos_token, encode_special_tokens=encode_special_tokens
+        )
+        return [int(i) for i in ids[0].tolist()]
+
+    def decode(self, ids: list[int], decode_special_tokens: bool = True) -> str:
+        import torch
+
+        if not ids:
+            return ""
+        # A 2-D tensor decodes to one string per row.
+        texts = self._loaded_tokenizer().decode(
+            torch.tensor([ids], dtype=torch.long), decode_special_tokens=decode_special_tokens
+        )
+        return str(texts[0])
+
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        template_vars: dict[str, Any] | None = None,
+    ) -> str:
+        tokenizer = self._loaded_tokenizer()
+        if self._template is None:
+            raise ChatTemplateError(
+                f"{self.model_name} has no chat template; set prompt_template when loading it, or use completions."
+            )
+        names = ("bos_token", "eos_token", "pad_token", "unk_token")
+        tokens = {name: _tokenizer_token(tokenizer, name) for name in names}
+        text = render_chat_template(self._template, messages, add_generation_prompt, tokens, template_vars)
+        # encode() adds the BOS itself when the tokenizer wants one; a second one would change the answer.
+        bos = tokens["bos_token"]
+        if self.add_bos_token and bos and text.startswith(bos):
+            text = text[len(bos):]
+        return text
+
+    def _loaded_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            raise RuntimeError(f"{self.model_name} is not loaded.")
+        return self._tokenizer
+
+    # Generation
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationChunk]:
+        max_new_tokens = self._max_new_tokens(len(prompt_ids), params.max_tokens)
+        generator = self._ensure_generator()
+        settings = self._sampler_settings(params)
+        job = self._start_job(generator, prompt_ids, params, settings, max_new_tokens)
+        self._jobs.add(job)
+        narrow_range = _narrows_penalty_range(params)
+        finished, generated = False, 0
+        try:
+            async for result in job:
+                if result.get("stage") != "streaming":
+                    continue
+                generated += _token_count(result)
+                if narrow_range:
+                    settings.token_repetition_range = generated
+                finished = bool(result["eos"])
+                yield _chunk(result, generated)
+            if not finished:
+                raise GenerationAbortedError()
+        finally:
+            self._jobs.discard(job)
+            if not finished:
+                await self._cancel_job(generator, job)
+
+    def _max_new_tokens(self, prompt_tokens: int, requested: int) -> int:
+        """Clamp to the context: an enqueue that asserts leaves the generator stuck for good."""
+        if self._generator_parts_missing():
+            raise RuntimeError(f"{self.model_name} is not loaded.")
+        if prompt_tokens == 0:
+            raise ValueError("The prompt is empty; send at least one token.")
+        if prompt_tokens >= self.max_seq_len:
+            raise ContextLengthError(prompt_tokens, self.max_seq_len)
+        room = self.max_seq_len - prompt_tokens
+        return min(requested, room) if requested > 0 else room
+
+    def _generator_parts_missing(self) -> bool:
+        return self._lib is None or self._model is None or self._cache is None or self._tokenizer is None
+
+    def _ensure_generator(self) -> Any:
+        loop = asyncio.get_running_loop()
+        generator = self._generator
+        # iterate() raising ends the background task: that generator never runs another job.
+        if generator is None or generator.iteration_task.done() or self._generator_loop is not loop:
+            assert self._lib is not None
+            generator = self._lib.generator.ExLlamaV2DynamicGeneratorAsync(
+                model=self._model, cache=self._cache, tokenizer=self._tokenizer,
+                max_batch_size=self.max_batch_size, max_chunk_size=self.chunk_size, paged=self.paged,
+            )
+            self._generator, self._generator_loop = generator, loop
+        return generator
+
+    def _sampler_settings(self, params: SamplingParams) -> Any:
+        """Every field set: the library's defaults are not neutral (temperature 0.8, top_k 50, ...)."""
+        assert self._lib is not None
+        greedy = params.temperature < 0.01
+        return self._lib.generator.ExLlamaV2Sampler.Settings(
+            temperature=1.0 if greedy else params.temperature,
+            top_k=1 if greedy else max(params.top_k, 0),
+            top_p=0.0 if greedy else params.top_p,
+            min_p=0.0 if greedy else params.min_p,
+            top_a=0.0, tfs=0.0, typical=0.0, skew=0.0, smoothing_factor=0.0, temperature_last=False,
+            min_temp=0.0, max_temp=0.0, temp_exponent=1.0,
+            token_repetition_penalty=params.repetition_penalty,
+            token_repetition_range=0 if _narrows_penalty_range(params) else params.penalty_range,
+            token_repetition_decay=0,
+            token_frequency_penalty=params.frequency_penalty,
+            token_presence_penalty=params.presence_penalty,
+            mirostat=False, mirostat_tau=1.5, mirostat_eta=0.1,
+            token_bias=None, cfg_scale=None, dry_multiplier=0.0, xtc_probability=0.0, xtc_threshold=0.1,
+        )
+
+    def stop_conditions(self, params: SamplingParams) -> list[int | str]:
+        """Request stops plus every EOS id: nothing stops on EOS by default."""
+        conditions: list[int | str] = [s for s in params.stop if s]
+        conditions += params.stop_token_ids
+        if not params.ban_eos_token:
+            conditions += self.eos_ids
+        return list(dict.fromkeys(conditions))
+
+    def _start_job(
+        self, generator: Any, prompt_ids: list[int], params: SamplingParams, settings: Any, max_new_tokens: int
+    ) -> Any:
+        import torch
+
+        assert self._lib is not None
+        try:
+            # The job enqueues itself in its constructor.
+            return self._lib.generator.ExLlamaV2DynamicJobAsync(
+                generator,
+                input_ids=torch.tensor([prompt_ids], dtype=torch.long),
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=min(params.min_tokens, max_new_tokens),
+                gen_settings=settings,
+                seed=params.seed,
+                stop_conditions=self.stop_conditions(params),
+            )
+        except BaseException:
+            # The job registers itself before enqueue() runs, so a failed enqueue leaves an entry that
+            # keeps the generator iterating forever. Every other registered job is one of ours.
+            for key, async_job in list(generator.jobs.items()):
+                if async_job not in self._jobs:
+                    del generator.jobs[key]
+            raise
+
+    async def _cancel_job(self, generator: Any, job: Any) -> None:
+        # cancel() asserts the job is still registered; finished jobs are gone, and a dead or
+        # replaced generator has nobody left to tell.
+        if generator is self._generator and not generator.iteration_task.done() and job.job in generator.jobs:
+            await job.cancel()
+
+    # Model card and unloading
+
+    def card_parameters(self) -> dict[str, Any]:
+        return {
+            "max_seq_len": self.max_seq_len,
+            "cache_size": self.cache_size,
+            "cache_mode": self.cache_mode,
+            "rope_scale": self.rope_scale,
+            "rope_alpha": self.rope_alpha,
+            "max_batch_size": self.max_batch_size,
+            "chunk_size": self.chunk_size,
+            "prompt_template": self.prompt_template,
+            "use_vision": False,
+        }
+
+    def unload(self) -> None:
+        """exllamav2's order: stop jobs, unload the model, close the generator, then free memory."""
+        try:
+            self._cancel_running_jobs()
+        finally:
+            try:
+                self._unload_model()
+            finally:
+                try:
+                    self._close_generator()
+                finally:
+                    self._free_memory()
+
+    def _cancel_running_jobs(self) -> None:
+        generator, loop, jobs = self._generator, self._generator_loop, list(self._jobs)
+        if generator is None or loop is None or not jobs:
+            return
+        _run_on_loop(loop, _cancel_jobs(generator, jobs), lambda: _halt_jobs(generator, jobs))
+
+    def _unload_model(self) -> None:
+        model, self._model = self._model, None
+        try:
+            if model is not None:
+                model.unload()
+        finally:
+            self._config = self._cache = self._tokenizer = self._template = None
+
+    def _close_generator(self) -> None:
+        generator, loop = self._generator, self._generator_loop
+        self._generator, self._generator_loop = None, None
+        self._jobs.clear()
+        if generator is not None and loop is not None:
+            _run_on_loop(loop, generator.close(), generator.iteration_task.cancel)
+
+    def _free_memory(self) -> None:
+        import torch
+
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _tokenizer_token(tokenizer: Any, name: str) -> str:
+    value = getattr(tokenizer, name, "")
+    return value if isinstance(value, str) else ""
+
+
+def _narrows_penalty_range(params: SamplingParams) -> bool:
+    # exllamav2 counts the prompt in frequency/presence penalties; OpenAI counts only the answer.
+    return (params.frequency_penalty != 0 or params.presence_penalty != 0) and params.penalty_range == -1
+
+
+def _token_count(result: dict[str, Any]) -> int:
+    token_ids = result.get("token_ids")
+    return int(token_ids.shape[-1]) if token_ids is not None else 0
+
+
+def _chunk(result: dict[str, Any], generated: int) -> GenerationChunk:
+    text = result.get("text", "")  # absent in some results, e.g. the last one after a stop token
+    if not result["eos"]:
+        return GenerationChunk(text=text, token_count=generated)
+    return GenerationChunk(
+        text=text,
+        token_count=result.get("new_tokens", generated),
+        finish_reason="length" if result.get("eos_reason") == "max_new_tokens" else "stop",
+        stop_str=result.get("eos_triggering_string"),
+        prompt_tokens=result.get("prompt_tokens", 0),
+        completion_tokens=result.get("new_tokens", generated),
+    )
+
+
+async def _cancel_jobs(generator: Any, jobs: list[Any]) -> None:
+    for job in jobs:
+        if job.job in generator.jobs:
+            await job.cancel()
+        # A consumer already waiting on the job's queue never looks at `cancelled` again.
+        await job.put_result(GenerationAbortedError())
+
+
+def _halt_jobs(generator: Any, jobs: list[Any]) -> None:
+    # We hold the loop's thread (or nobody runs the loop), so iterate() is not running now, and a
+    # cancelled task never calls it again.
+    generator.iteration_task.cancel()
+    for job in jobs:
+        job.queue.put_nowait(GenerationAbortedError())
