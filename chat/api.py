@@ -1,0 +1,135 @@
+"""The chat API (DRF, session auth): the same rules as the pages, for scripts and tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth import logout
+from django.core.exceptions import ValidationError
+from django.shortcuts import get_object_or_404
+from rest_framework import status
+from rest_framework.authentication import SessionAuthentication
+from rest_framework.exceptions import PermissionDenied
+from rest_framework.permissions import AllowAny
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from chat import services
+from chat.accounts import LoginRefused, log_in
+from chat.models import Conversation, Message
+from chat.serializers import ConversationSerializer, LoginSerializer, MessageSerializer, NewMessageSerializer
+
+
+def refuse_cross_site(request: Any) -> None:
+    """A browser request from another site is refused; scripts (no Origin header) need no CSRF token."""
+    origin = request.META.get("HTTP_ORIGIN")
+    if origin is not None and origin != f"{request.scheme}://{request.get_host()}":
+        raise PermissionDenied("Cross-site requests are refused.")
+
+
+class OriginCheckedSessionAuthentication(SessionAuthentication):
+    def authenticate_header(self, request: Any) -> str:
+        return 'Session realm="gantry"'  # so anonymous callers get 401, not 403
+
+    def enforce_csrf(self, request: Any) -> None:
+        refuse_cross_site(request)
+        if request.META.get("HTTP_ORIGIN") is not None:
+            super().enforce_csrf(request)  # a browser page: the CSRF token too
+
+
+class ChatAPIView(APIView):
+    authentication_classes = [OriginCheckedSessionAuthentication]
+
+    def conversation(self, request: Request, conversation_id: int) -> Conversation:
+        return get_object_or_404(Conversation.objects.owned_by(request.user), pk=conversation_id)
+
+    def own_message(self, request: Request, message_id: int) -> Message:
+        return get_object_or_404(Message.objects.filter(conversation__owner=request.user), pk=message_id)
+
+
+def refused(exc: ValidationError) -> Response:
+    return Response({"detail": " ".join(exc.messages)}, status=status.HTTP_400_BAD_REQUEST)
+
+
+class ConversationList(ChatAPIView):
+    def get(self, request: Request) -> Response:
+        conversations = Conversation.objects.owned_by(request.user)
+        return Response(ConversationSerializer(conversations, many=True).data)
+
+    def post(self, request: Request) -> Response:
+        serializer = ConversationSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        conversation = services.create_conversation(request.user, serializer.validated_data.get("title", ""))
+        return Response(ConversationSerializer(conversation).data, status=status.HTTP_201_CREATED)
+
+
+class ConversationDetail(ChatAPIView):
+    def get(self, request: Request, conversation_id: int) -> Response:
+        return Response(ConversationSerializer(self.conversation(request, conversation_id)).data)
+
+    def patch(self, request: Request, conversation_id: int) -> Response:
+        conversation = self.conversation(request, conversation_id)
+        try:
+            services.rename_conversation(conversation, str(request.data.get("title", "")))
+        except ValidationError as exc:
+            return refused(exc)
+        return Response(ConversationSerializer(conversation).data)
+
+    def delete(self, request: Request, conversation_id: int) -> Response:
+        services.delete_conversation(self.conversation(request, conversation_id))
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class MessageList(ChatAPIView):
+    def get(self, request: Request, conversation_id: int) -> Response:
+        messages = self.conversation(request, conversation_id).messages.order_by("created", "id")
+        return Response(MessageSerializer(messages, many=True).data)
+
+    def post(self, request: Request, conversation_id: int) -> Response:
+        conversation = self.conversation(request, conversation_id)
+        serializer = NewMessageSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        try:
+            message = services.post_message(conversation, serializer.validated_data["content"])
+        except ValidationError as exc:
+            return refused(exc)
+        return Response(MessageSerializer(message).data, status=status.HTTP_202_ACCEPTED)
+
+
+class MessageStop(ChatAPIView):
+    def post(self, request: Request, message_id: int) -> Response:
+        message = services.stop_message(self.own_message(request, message_id))
+        return Response(MessageSerializer(message).data)
+
+
+class MessageRetry(ChatAPIView):
+    def post(self, request: Request, message_id: int) -> Response:
+        try:
+            message = services.retry_message(self.own_message(request, message_id))
+        except ValidationError as exc:
+            return refused(exc)
+        return Response(MessageSerializer(message).data, status=status.HTTP_202_ACCEPTED)
+
+
+class Login(APIView):
+    authentication_classes: list[type] = []
+    permission_classes = [AllowAny]
+
+    def post(self, request: Request) -> Response:
+        refuse_cross_site(request)
+        serializer = LoginSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        try:
+            user = log_in(request._request, serializer.validated_data["username"], serializer.validated_data["password"])
+        except LoginRefused as exc:
+            return Response({"detail": exc.message}, status=exc.status)
+        return Response({"username": user.get_username(), "is_admin": user.is_staff})
+
+
+class Logout(ChatAPIView):
+    permission_classes = [AllowAny]
+
+    def post(self, request: Request) -> Response:
+        logout(request._request)
+        return Response({"detail": "Logged out."})

@@ -1,0 +1,47 @@
+"""Server-rendered pages: login, logout and the chat page."""
+
+from __future__ import annotations
+
+from django.contrib.auth import logout
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404, render
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.views.decorators.http import require_POST
+
+from chat.accounts import LoginRefused, log_in
+from chat.models import Conversation
+from models_admin.services import backend_event
+
+
+def login_page(request: HttpRequest) -> HttpResponse:
+    next_url = request.POST.get("next") or request.GET.get("next") or "/"
+    if not url_has_allowed_host_and_scheme(next_url, allowed_hosts={request.get_host()}):
+        next_url = "/"
+    error, status, username = "", 200, ""
+    if request.method == "POST":
+        username = request.POST.get("username", "")
+        try:
+            log_in(request, username, request.POST.get("password", ""))
+        except LoginRefused as exc:
+            error, status = exc.message, exc.status
+        else:
+            return HttpResponseRedirect(next_url)
+    return render(request, "registration/login.html", {"error": error, "next": next_url, "username": username}, status=status)
+
+
+@require_POST
+def logout_page(request: HttpRequest) -> HttpResponse:
+    logout(request)
+    return HttpResponseRedirect("/login/")
+
+
+@login_required
+def chat_page(request: HttpRequest, conversation_id: int | None = None) -> HttpResponse:
+    conversations = Conversation.objects.owned_by(request.user)
+    current = get_object_or_404(conversations, pk=conversation_id) if conversation_id is not None else None
+    return render(
+        request,
+        "chat/chat.html",
+        {"conversations": conversations, "current": current, "model": backend_event()},
+    )

@@ -1,0 +1,52 @@
+"""ASGI entry point: Django for HTTP, Channels for WebSockets (authenticated, same-origin only)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gantry.settings")
+django_application = get_asgi_application()  # before anything that imports models
+
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+
+import chat.routing  # noqa: E402
+import models_admin.routing  # noqa: E402
+from gantry.background import bind_serving_loop, every  # noqa: E402
+
+router = ProtocolTypeRouter(
+    {
+        "http": django_application,
+        "websocket": AllowedHostsOriginValidator(
+            AuthMiddlewareStack(URLRouter(chat.routing.websocket_urlpatterns + models_admin.routing.websocket_urlpatterns))
+        ),
+    }
+)
+
+
+_started = False
+
+
+def start_background_work() -> None:
+    """Embedded (no Celery broker), the periodic work runs in the web process; beat does it otherwise."""
+    from django.conf import settings
+
+    from models_admin.tasks import refresh_models
+
+    if not settings.CELERY_BROKER_URL:
+        every(settings.GANTRY_REFRESH_INTERVAL, refresh_models)
+
+
+async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    global _started
+    if not _started:
+        _started = True
+        # Background work of this process (answers, releases) runs on the loop that serves its sockets.
+        bind_serving_loop(asyncio.get_running_loop())
+        start_background_work()
+    await router(scope, receive, send)

@@ -1,0 +1,110 @@
+"""Every server-to-browser message: one TypedDict per event type, sent through the channel layer.
+
+Groups: `conversation-<id>` (the pages of one conversation), `user-<id>` (every page of a user),
+`chat` (every chat page: the model banner), `models` (every Admin Dashboard page).
+The browser switches on `type`; Channels turns the dotted type into a consumer method name.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypedDict
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+
+
+class MessageEvent(TypedDict):
+    """A message was created or changed: its whole current state."""
+
+    type: Literal["chat.message"]
+    message: dict[str, Any]
+
+
+class QueuedEvent(TypedDict):
+    """A message waits for the model; `position` is its place in the queue (1 = next)."""
+
+    type: Literal["chat.queued"]
+    message_id: int
+    position: int
+
+
+class TokenEvent(TypedDict):
+    """A piece of an answer being generated (`message_id` is the answer's)."""
+
+    type: Literal["chat.token"]
+    message_id: int
+    text: str
+
+
+class DoneEvent(TypedDict):
+    """An answer is complete (or was stopped: `status` says which)."""
+
+    type: Literal["chat.done"]
+    message_id: int
+    status: str
+
+
+class ErrorEvent(TypedDict):
+    """A message could not be answered; `detail` is the sentence shown, and Retry is offered."""
+
+    type: Literal["chat.error"]
+    message_id: int
+    detail: str
+
+
+class ConversationEvent(TypedDict):
+    """A conversation was created, renamed or deleted."""
+
+    type: Literal["chat.conversation"]
+    conversation: dict[str, Any]
+    deleted: bool
+
+
+class ModelStateEvent(TypedDict):
+    """The backend's state: ready, switching, unloading, unloaded or failed."""
+
+    type: Literal["model.state"]
+    state: str
+    active_model: str | None
+    target_model: str | None
+    operation_id: int | None
+
+
+class ModelProgressEvent(TypedDict):
+    """A step of a running switch or unload, with the line the UI shows."""
+
+    type: Literal["model.progress"]
+    operation_id: int
+    step: str
+    model: str | None
+    percent: float
+    module: int
+    modules: int
+    text: str
+    eta_seconds: float | None
+
+
+Event = (
+    MessageEvent | QueuedEvent | TokenEvent | DoneEvent | ErrorEvent | ConversationEvent | ModelStateEvent | ModelProgressEvent
+)
+
+CHAT_GROUP = "chat"
+MODELS_GROUP = "models"
+
+
+def conversation_group(conversation_id: int) -> str:
+    return f"conversation-{conversation_id}"
+
+
+def user_group(user_id: int) -> str:
+    return f"user-{user_id}"
+
+
+async def abroadcast(group: str, event: Event) -> None:
+    layer = get_channel_layer()
+    if layer is not None:
+        await layer.group_send(group, dict(event))
+
+
+def broadcast(group: str, event: Event) -> None:
+    async_to_sync(abroadcast)(group, event)

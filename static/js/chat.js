@@ -1,0 +1,286 @@
+// The chat page: sidebar, history, composer, live answers over the page's WebSocket.
+(function () {
+  "use strict";
+
+  const main = document.getElementById("conversation");
+  const list = document.getElementById("messages");
+  const input = document.getElementById("message-input");
+  const composer = document.getElementById("composer");
+  const composerError = document.getElementById("composer-error");
+  const sendButton = document.getElementById("send-button");
+  const stopButton = document.getElementById("stop-button");
+  const banner = document.getElementById("model-banner");
+  const modelName = document.getElementById("model-name");
+  const sidebar = document.getElementById("conversation-list");
+  let conversationId = main.dataset.conversationId ? Number(main.dataset.conversationId) : null;
+  let socket = null;
+  const messages = new Map(); // id -> message object as the server sent it
+
+  // Markdown, safely: everything is escaped first, so model output never becomes HTML or script.
+  function escapeHtml(text) {
+    return text.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;")
+      .replace(/"/g, "&quot;").replace(/'/g, "&#39;");
+  }
+  function inline(text) {
+    return text
+      .replace(/`([^`]+)`/g, "<code>$1</code>")
+      .replace(/\*\*([^*]+)\*\*/g, "<strong>$1</strong>")
+      .replace(/(^|[^*])\*([^*\s][^*]*)\*/g, "$1<em>$2</em>")
+      .replace(/\[([^\]]+)\]\((https?:\/\/[^\s)]+)\)/g, '<a href="$2" rel="noopener noreferrer nofollow" target="_blank">$1</a>');
+  }
+  function renderMarkdown(source) {
+    const parts = escapeHtml(source).split(/```[^\n]*\n?/);
+    return parts.map((part, i) => {
+      if (i % 2 === 1) return "<pre><code>" + part.replace(/\n$/, "") + "</code></pre>";
+      return part.split(/\n{2,}/).filter((p) => p.trim()).map((block) => {
+        const lines = block.split("\n");
+        if (lines.every((l) => /^\s*[-*] /.test(l))) {
+          return "<ul>" + lines.map((l) => "<li>" + inline(l.replace(/^\s*[-*] /, "")) + "</li>").join("") + "</ul>";
+        }
+        if (lines.every((l) => /^\s*\d+\. /.test(l))) {
+          return "<ol>" + lines.map((l) => "<li>" + inline(l.replace(/^\s*\d+\. /, "")) + "</li>").join("") + "</ol>";
+        }
+        const heading = /^(#{1,4}) (.*)$/.exec(block);
+        if (heading && lines.length === 1) return "<h4>" + inline(heading[2]) + "</h4>";
+        return "<p>" + inline(block).replace(/\n/g, "<br>") + "</p>";
+      }).join("");
+    }).join("");
+  }
+
+  function csrfToken() {
+    const match = document.cookie.match(/(?:^|; )csrftoken=([^;]+)/);
+    return match ? decodeURIComponent(match[1]) : "";
+  }
+  async function api(method, url, body) {
+    const response = await fetch(url, {
+      method,
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-CSRFToken": csrfToken() },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    let data = null;
+    try { data = await response.json(); } catch (e) { data = null; }
+    if (!response.ok) {
+      const detail = data && data.detail ? data.detail : data && data.content ? data.content.join(" ") : "";
+      throw new Error(detail || "The server could not do that (" + response.status + "). Try again.");
+    }
+    return data;
+  }
+
+  function statusLine(message) {
+    if (message.role === "user") {
+      if (message.status === "queued") return message.position ? "Queued (#" + message.position + ")" : "Queued";
+      if (message.status === "cancelled") return "Stopped";
+      return "";
+    }
+    if (message.status === "cancelled") return "Stopped";
+    return "";
+  }
+
+  function messageElement(message) {
+    let el = document.getElementById("message-" + message.id);
+    if (!el) {
+      el = document.createElement("article");
+      el.id = "message-" + message.id;
+      el.innerHTML = '<div class="body"></div><div class="status"></div><div class="error" hidden></div><div class="actions"></div>';
+      list.appendChild(el);
+    }
+    return el;
+  }
+
+  function draw(message) {
+    const previous = messages.get(message.id) || {};
+    message = Object.assign({}, previous, message);
+    messages.set(message.id, message);
+    const el = messageElement(message);
+    el.className = "message " + message.role + " " + message.status;
+    el.dataset.status = message.status;
+    const body = el.querySelector(".body");
+    if (message.role === "user") body.textContent = message.content;
+    else body.innerHTML = renderMarkdown(message.content || "");
+    el.querySelector(".status").textContent = statusLine(message);
+    const error = el.querySelector(".error");
+    error.hidden = !(message.role === "user" && message.status === "failed");
+    error.textContent = message.error || "";
+    const actions = el.querySelector(".actions");
+    actions.textContent = "";
+    if (message.role === "user" && (message.status === "failed" || message.status === "cancelled")) {
+      const retry = document.createElement("button");
+      retry.type = "button";
+      retry.textContent = "Retry";
+      retry.className = "retry";
+      retry.addEventListener("click", () => act("retry", message.id));
+      actions.appendChild(retry);
+    }
+    if (message.role === "user" && message.status === "queued") {
+      const cancel = document.createElement("button");
+      cancel.type = "button";
+      cancel.textContent = "Cancel";
+      cancel.className = "cancel";
+      cancel.addEventListener("click", () => act("stop", message.id));
+      actions.appendChild(cancel);
+    }
+    updateStop();
+    return el;
+  }
+
+  function runningQuestion() {
+    for (const message of messages.values()) {
+      if (message.role === "user" && message.status === "generating") return message;
+    }
+    return null;
+  }
+  function updateStop() { stopButton.hidden = runningQuestion() === null; }
+
+  async function act(action, messageId) {
+    try {
+      draw(await api("POST", "/api/messages/" + messageId + "/" + action + "/"));
+    } catch (error) { showComposerError(error.message); }
+  }
+
+  function scrollDown() { list.scrollTop = list.scrollHeight; }
+  function showComposerError(text) { composerError.textContent = text; composerError.hidden = !text; }
+
+  function onEvent(event) {
+    switch (event.type) {
+      case "chat.message":
+        if (event.message.conversation_id === conversationId) { draw(event.message); scrollDown(); }
+        break;
+      case "chat.token": {
+        const message = messages.get(event.message_id);
+        if (message) { message.content = (message.content || "") + event.text; draw(message); scrollDown(); }
+        break;
+      }
+      case "chat.queued": {
+        const message = messages.get(event.message_id);
+        if (message) { message.position = event.position; draw(message); }
+        break;
+      }
+      case "chat.done":
+      case "chat.error":
+        break; // the chat.message that follows carries the final state
+      case "chat.conversation": drawConversation(event.conversation, event.deleted); break;
+      case "model.state": drawModel(event); break;
+      case "model.progress": drawProgress(event); break;
+    }
+  }
+
+  let modelState = JSON.parse(document.getElementById("model-state").textContent);
+  function drawModel(state) {
+    modelState = state;
+    modelName.textContent = state.active_model || "No model loaded";
+    if (state.state === "switching" || state.state === "unloading") {
+      banner.textContent = "Model loading..." + (state.target_model ? " (Loading " + state.target_model + ")" : "");
+      banner.hidden = false;
+    } else if (!state.active_model) {
+      banner.textContent = "Model not available";
+      banner.hidden = false;
+    } else {
+      banner.hidden = true;
+    }
+  }
+  function drawProgress(progress) {
+    if (progress.model && (modelState.state === "switching")) {
+      banner.textContent = "Model loading... (Loading " + progress.model + ", " + Math.round(progress.percent) + "%)";
+      banner.hidden = false;
+    }
+  }
+
+  function drawConversation(conversation, deleted) {
+    let item = sidebar.querySelector('[data-id="' + conversation.id + '"]');
+    if (deleted) {
+      if (item) item.remove();
+      if (conversation.id === conversationId) window.location.href = "/";
+      return;
+    }
+    if (!item) {
+      item = document.createElement("li");
+      item.className = "conversation-item";
+      item.dataset.id = conversation.id;
+      item.innerHTML = '<a class="conversation-link"></a><span class="conversation-actions">' +
+        '<button type="button" class="icon rename" title="Rename" aria-label="Rename">✎</button>' +
+        '<button type="button" class="icon delete" title="Delete" aria-label="Delete">✕</button></span>';
+      item.querySelector("a").href = "/c/" + conversation.id + "/";
+      sidebar.prepend(item);
+    }
+    item.querySelector("a").textContent = conversation.title;
+    item.classList.toggle("active", conversation.id === conversationId);
+  }
+
+  sidebar.addEventListener("click", async (event) => {
+    const item = event.target.closest(".conversation-item");
+    if (!item) return;
+    const id = Number(item.dataset.id);
+    try {
+      if (event.target.classList.contains("rename")) {
+        const title = window.prompt("Rename conversation", item.querySelector("a").textContent);
+        if (title) drawConversation(await api("PATCH", "/api/conversations/" + id + "/", { title }), false);
+      } else if (event.target.classList.contains("delete")) {
+        if (window.confirm("Delete this conversation and all its messages?")) {
+          await api("DELETE", "/api/conversations/" + id + "/");
+          drawConversation({ id }, true);
+        }
+      }
+    } catch (error) { window.alert(error.message); }
+  });
+
+  document.getElementById("new-conversation").addEventListener("click", () => { window.location.href = "/"; });
+
+  function connect() {
+    const scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
+    const path = conversationId ? "/ws/chat/" + conversationId + "/" : "/ws/chat/";
+    socket = new WebSocket(scheme + window.location.host + path);
+    socket.addEventListener("message", (event) => onEvent(JSON.parse(event.data)));
+    socket.addEventListener("close", (event) => {
+      // Reconnect after a dropped connection, then reload the history to catch up.
+      if (event.code !== 1000) setTimeout(() => { connect(); loadHistory(); }, 1500);
+    });
+  }
+
+  async function loadHistory() {
+    if (!conversationId) return;
+    const history = await api("GET", "/api/conversations/" + conversationId + "/messages/");
+    history.forEach(draw);
+    scrollDown();
+  }
+
+  async function send() {
+    const content = input.value;
+    if (!content.trim()) return;
+    sendButton.disabled = true;
+    showComposerError("");
+    try {
+      if (!conversationId) {
+        const conversation = await api("POST", "/api/conversations/", {});
+        conversationId = conversation.id;
+        history.replaceState(null, "", "/c/" + conversationId + "/");
+        main.dataset.conversationId = conversationId;
+        const empty = document.getElementById("empty-state");
+        if (empty) empty.remove();
+        drawConversation(conversation, false);
+        if (socket) { socket.onclose = null; socket.close(1000); }
+        connect();
+      }
+      const message = await api("POST", "/api/conversations/" + conversationId + "/messages/", { content });
+      input.value = "";
+      draw(message);
+      scrollDown();
+    } catch (error) {
+      showComposerError(error.message); // the text stays in the input
+    } finally {
+      sendButton.disabled = false;
+      input.focus();
+    }
+  }
+
+  composer.addEventListener("submit", (event) => { event.preventDefault(); send(); });
+  input.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) { event.preventDefault(); send(); }
+  });
+  stopButton.addEventListener("click", () => { const q = runningQuestion(); if (q) act("stop", q.id); });
+
+  drawModel(modelState);
+  connect();
+  loadHistory().catch((error) => showComposerError(error.message));
+  input.focus();
+})();

@@ -1,0 +1,120 @@
+"""Run the real Gantry site (daphne) as a process on loopback, for integration and browser tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from tests.tabby.server import ADMIN_KEY, API_KEY, ROOT, free_port
+
+ADMIN = ("admin", "admin-password-1")
+MEMBER = ("member", "member-password-1")
+OUTSIDER = ("outsider", "outsider-password-1")
+
+
+@dataclass
+class Site:
+    url: str
+    env: dict[str, str]
+    workdir: Path
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def manage(self, *args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "manage.py", *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=120
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        return result.stdout
+
+    def login(self, user: tuple[str, str]) -> httpx.Client:
+        """An HTTP client holding a real session of `user` (the `session_id` cookie)."""
+        client = httpx.Client(base_url=self.url, timeout=60)
+        response = client.post("/api/auth/login", json={"username": user[0], "password": user[1]})
+        assert response.status_code == 200, response.text
+        return client
+
+    def log(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.workdir.glob("*.log")))
+
+
+def site_env(workdir: Path, tabby_url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TABBY_", "GANTRY_", "DATABASE_URL", "REDIS_URL"))}
+    env.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "gantry.settings",
+            "GANTRY_VAR_DIR": str(workdir),
+            "TABBY_HOST": tabby_url,
+            "TABBY_API_KEY": API_KEY,
+            "TABBY_ADMIN_KEY": ADMIN_KEY,
+            "ALLOWED_HOSTS": "127.0.0.1,localhost",
+            "PYTHONPATH": str(ROOT),
+        }
+    )
+    env.update(extra or {})
+    return env
+
+
+def start_daphne(site: Site, port: int, name: str = "daphne") -> subprocess.Popen[bytes]:
+    with (site.workdir / f"{name}.log").open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "gantry.asgi:application"],
+            cwd=ROOT,
+            env=site.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    site.processes.append(process)
+    wait_for(f"http://127.0.0.1:{port}/login/", process, site)
+    return process
+
+
+def wait_for(url: str, process: subprocess.Popen[bytes], site: Site, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"The site exited with {process.returncode}:\n{site.log()}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"The site did not answer {url} within {timeout:.0f} s:\n{site.log()}")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def run_site(workdir: Path, tabby_url: str, extra_env: dict[str, str] | None = None) -> Iterator[Site]:
+    """Migrate a fresh database, create the cast (admin, member, outsider) and start daphne."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    site = Site(f"http://127.0.0.1:{port}", site_env(workdir, tabby_url, extra_env), workdir)
+    site.manage("migrate", "--noinput")
+    site.manage("ensure_user", ADMIN[0], "--password", ADMIN[1], "--admin")
+    for name, password in (MEMBER, OUTSIDER):
+        site.manage("ensure_user", name, "--password", password)
+    try:
+        start_daphne(site, port)
+        yield site
+    finally:
+        for process in site.processes:
+            stop(process)
