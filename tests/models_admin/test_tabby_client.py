@@ -1,0 +1,492 @@
+"""The TabbyAPI client against the bytes the real TabbyAPI server sent.
+
+The recorded exchanges (`shared/contracts/tabbyapi-recorded/NN-*.json`) are served through
+httpx.MockTransport, the one fake allowed: the recorded status, headers and exact body, chunk by chunk
+where the recording kept the HTTP chunks. Successful load and chat streams could not be recorded (no
+model loads on a CPU), so they are built from the contract's documented text and cut at awkward places
+(mid-line, between CR and LF, mid-character). Unreachable servers are real closed or silent sockets.
+Every behaviour is checked on the async and the sync client alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing, closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from models_admin.tabby_client import (
+    AsyncTabbyClient,
+    BackendAuthError,
+    BackendBadResponse,
+    BackendError,
+    BackendUnavailable,
+    ChatDelta,
+    GenerationFailed,
+    ModelLoadFailed,
+    NoModelLoaded,
+    TabbyClient,
+    TabbyConfig,
+    Usage,
+)
+
+# Where the recordings are: `shared/` sits beside the repository checkout.
+CONTRACTS_ENV = "GANTRY_CONTRACTS_DIR"
+CONTRACTS_DIR = Path(os.environ.get(CONTRACTS_ENV) or Path(__file__).resolve().parents[2].parent / "shared" / "contracts")
+RECORDINGS_DIR = CONTRACTS_DIR / "tabbyapi-recorded"
+MISSING = (
+    f"No recorded TabbyAPI exchanges (NN-*.json) found in {RECORDINGS_DIR}. They belong in "
+    f"shared/contracts/tabbyapi-recorded beside the repository checkout; set {CONTRACTS_ENV} to the "
+    "'contracts' folder if they are elsewhere."
+)
+
+CONFIG = TabbyConfig(base_url="http://tabby.test:5055", api_key="test-api-key", admin_key="test-admin-key")
+# Framing headers describe the recorded connection, not the body served here.
+TRANSPORT_HEADERS = {"content-length", "transfer-encoding", "connection"}
+PING = ": ping - 2026-11-23 12:00:15.000000+00:00\r\n\r\n"
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+# The recordings
+
+
+def recording(number: int) -> dict[str, Any]:
+    found = sorted(RECORDINGS_DIR.glob(f"{number:02d}-*.json"))
+    if not found:
+        pytest.fail(MISSING)
+    return dict(json.loads(found[0].read_text(encoding="utf-8")))
+
+
+def what_tabby_said(number: int) -> list[str]:
+    """The texts of a recorded failure that the client's sentence must carry."""
+    response = recording(number)["response"]
+    events = response.get("sse_data_json") or []
+    if events:
+        return [events[-1]["error"]["message"]]
+    detail = (response.get("body_json") or {}).get("detail")
+    if isinstance(detail, list):
+        return [item["msg"] for item in detail]
+    return [detail if isinstance(detail, str) else response["body_raw"]]
+
+
+def documented_load_stream() -> bytes:
+    """The successful load stream written out in the recordings' README (it could not be recorded)."""
+    readme = (RECORDINGS_DIR / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"An illustrative sequence.*?```\n(.*?)```", readme, re.DOTALL)
+    if block is None:
+        pytest.fail(f"The documented successful load stream is missing from {RECORDINGS_DIR / 'README.md'}.")
+    lines = [re.sub(r"\s{2,}\(.*\)$", "", line) for line in block.group(1).splitlines() if line != "(end of body)"]
+    assert all(line.endswith("\\r\\n") for line in lines), "every documented line ends in a written-out CRLF"
+    return "".join(line.replace("\\r\\n", "\r\n") for line in lines).encode()
+
+
+def data_events(body: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line[6:]) for line in body.decode().split("\r\n") if line.startswith("data: ")]
+
+
+def chat_event(content: str = "", finish_reason: str | None = None, usage: Usage | None = None) -> str:
+    """One completion chunk in the shape `contracts/tabbyapi.md` documents (compact JSON, no role delta)."""
+    chunk: dict[str, Any] = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1795436891,
+        "model": "Tiny-Chat-5M",
+        "choices": [{"index": 0, "delta": {"content": content} if content else {}, "finish_reason": finish_reason}],
+    }
+    if usage:
+        chunk["usage"] = usage
+    return "data: " + json.dumps(chunk, separators=(",", ":"), ensure_ascii=False) + "\r\n\r\n"
+
+
+def error_event(message: str) -> str:
+    return "data: " + json.dumps({"error": {"message": message, "trace": None}}, separators=(",", ":")) + "\r\n\r\n"
+
+
+USAGE = Usage(prompt_tokens=5, completion_tokens=4, total_tokens=9)
+PIECES = ["Hel", "lo, ", "wörld ✓"]
+CHAT_STREAM = (
+    "".join(chat_event(piece) for piece in PIECES[:2])
+    + PING
+    + chat_event(PIECES[2])
+    + chat_event("", "stop", USAGE)
+    + "data: [DONE]\r\n\r\n"
+).encode()
+
+
+def cut(body: bytes, how: str) -> list[bytes]:
+    """The body as HTTP chunks: whole, byte by byte, or cut every 11 bytes and between every CR and LF."""
+    if how == "whole":
+        return [body]
+    if how == "bytes":
+        return [body[i : i + 1] for i in range(len(body))]
+    cuts = sorted({i + 1 for i, byte in enumerate(body) if byte == ord("\r")} | set(range(11, len(body), 11)))
+    return [body[start:end] for start, end in zip([0, *cuts], [*cuts, len(body)], strict=True) if body[start:end]]
+
+
+# The HTTP seam
+
+
+class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """A response body served in given chunks to either client; it counts what was read and sees closing."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+        self.served = 0
+        self.closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self.chunks:
+            self.served += 1
+            yield chunk
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            self.served += 1
+            yield chunk
+
+    def close(self) -> None:
+        self.closed = True
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class Server:
+    """Answers every request with one response, and keeps the requests."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: Body
+    requests: list[httpx.Request] = field(default_factory=list)
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        return httpx.Response(self.status, headers=self.headers, stream=self.body)
+
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self.handle)
+
+    def sent_json(self) -> Any:
+        return json.loads(self.requests[-1].content)
+
+
+def replaying(number: int) -> Server:
+    response = recording(number)["response"]
+    headers = [
+        (name, value)
+        for name, values in response["headers"].items()
+        if name not in TRANSPORT_HEADERS
+        for value in (values if isinstance(values, list) else [values])
+    ]
+    chunks = response.get("body_chunks") or [response["body_raw"]]
+    return Server(response["status"], headers, Body([chunk.encode() for chunk in chunks]))
+
+
+def streaming(chunks: list[bytes]) -> Server:
+    return Server(200, [("content-type", "text/event-stream; charset=utf-8")], Body(chunks))
+
+
+async def call(
+    kind: str,
+    transport: httpx.MockTransport | None,
+    method: str,
+    *args: Any,
+    seen: list[Any] | None = None,
+    config: TabbyConfig = CONFIG,
+    **kwargs: Any,
+) -> Any:
+    """Call one client method as its callers do; a stream's items land in `seen` as they arrive."""
+    seen = [] if seen is None else seen
+    if kind == "async":
+        async with AsyncTabbyClient(config, transport=transport) as client:
+            result = getattr(client, method)(*args, **kwargs)
+            if not hasattr(result, "__aiter__"):
+                return await result
+            async for item in result:
+                seen.append(item)
+            return seen
+    with TabbyClient(config, transport=transport) as client:
+        result = getattr(client, method)(*args, **kwargs)
+        if not isinstance(result, Iterator):
+            return result
+        for item in result:
+            seen.append(item)
+        return seen
+
+
+@pytest.fixture(params=["async", "sync"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def fails(kind: str, server: Server, method: str, *args: Any, error: type[BackendError], **kwargs: Any) -> BackendError:
+    seen: list[Any] = []
+    with pytest.raises(error) as raised:
+        await call(kind, server.transport(), method, *args, seen=seen, **kwargs)
+    assert seen == [], "nothing is handed over before the failure"
+    assert raised.value.message == str(raised.value) and "\n" not in raised.value.message
+    return raised.value
+
+
+# Listing and the current model
+
+
+async def test_it_lists_every_model_folder_with_the_admin_key(kind: str) -> None:
+    server = replaying(14)
+    cards = await call(kind, server.transport(), "list_models")
+    assert [card["id"] for card in cards] == ["Llama-3.1-8B-Instruct", "Qwen2.5-Coder-7B-Instruct", "Broken-Model"]
+    assert cards[0] == recording(14)["response"]["body_json"]["data"][0]
+    request = server.requests[0]
+    assert (request.method, request.url.path) == ("GET", "/v1/models")
+    assert request.headers["authorization"] == "Bearer test-admin-key"
+
+
+@pytest.mark.parametrize("number", [24, 25, 64, 83])
+async def test_it_reports_no_current_model_while_nothing_is_loaded(kind: str, number: int) -> None:
+    server = replaying(number)
+    assert await call(kind, server.transport(), "current_model") is None
+    assert server.requests[0].url.path == "/v1/model"
+
+
+async def test_it_returns_the_card_of_the_loaded_model(kind: str) -> None:
+    card = {
+        "id": "Tiny-Chat-5M",
+        "object": "model",
+        "created": 1,
+        "owned_by": "tabbyAPI",
+        "logging": None,
+        "parameters": {"max_seq_len": 2048, "cache_mode": "FP16"},
+    }
+    server = Server(200, [("content-type", "application/json")], Body([json.dumps(card).encode()]))
+    assert await call(kind, server.transport(), "current_model") == card
+
+
+# Loading
+
+
+@pytest.mark.parametrize(
+    "number, model", [(31, "Broken-Model"), (32, "Llama-3.1-8B-Instruct"), (34, "Qwen2.5-Coder-7B-Instruct")]
+)
+async def test_it_reads_the_error_event_of_a_broken_model_load(kind: str, number: int, model: str) -> None:
+    error = await fails(kind, replaying(number), "load", model, error=ModelLoadFailed)
+    assert model in error.message and what_tabby_said(number)[0] in error.message
+    assert error.status is None
+
+
+async def test_it_skips_the_pings_of_a_slow_load_and_then_reads_its_error(kind: str) -> None:
+    server = replaying(80)
+    assert len(server.body.chunks) == 4 and server.body.chunks[0].startswith(b": ping - ")
+    error = await fails(kind, server, "load", "Slow-Model", error=ModelLoadFailed)
+    assert what_tabby_said(80)[0] in error.message
+
+
+@pytest.mark.parametrize("number", [29, 30])
+async def test_it_turns_a_refused_load_into_tabbys_sentence(kind: str, number: int) -> None:
+    error = await fails(kind, replaying(number), "load", "Does-Not-Exist", error=BackendBadResponse)
+    assert error.status == 400 and what_tabby_said(number)[0] in error.message
+
+
+@pytest.mark.parametrize("number", [28, 40, 41])
+async def test_it_turns_a_validation_list_into_one_sentence(kind: str, number: int) -> None:
+    error = await fails(kind, replaying(number), "load", "X", error=BackendBadResponse)
+    assert error.status == 422
+    assert all(said in error.message for said in what_tabby_said(number))
+    assert not any(mark in error.message for mark in "[{") and error.message.endswith(".")
+
+
+@pytest.mark.parametrize("number", [35, 37, 39])
+async def test_it_raises_an_auth_error_when_the_admin_key_is_refused(kind: str, number: int) -> None:
+    error = await fails(kind, replaying(number), "load", "Llama-3.1-8B-Instruct", error=BackendAuthError)
+    assert error.status == 401 and what_tabby_said(number)[0] in error.message and "admin key" in error.message
+
+
+@pytest.mark.parametrize("how", ["whole", "bytes", "odd"])
+async def test_it_yields_load_progress_in_order_until_the_model_finishes(kind: str, how: str) -> None:
+    body = documented_load_stream()
+    server = streaming(cut(body, how))
+    progress = await call(kind, server.transport(), "load", "Qwen2.5-Coder-7B-Instruct", max_seq_len=4096)
+    assert progress == data_events(body)
+    assert {"model_type": "draft", "module": 2, "modules": 2, "status": "finished"} in progress[:-1]
+    assert progress[-1] == {"model_type": "model", "module": 4, "modules": 4, "status": "finished"}
+    request = server.requests[0]
+    assert (request.method, request.url.path) == ("POST", "/v1/model/load")
+    assert request.headers["authorization"] == "Bearer test-admin-key" and "x-api-key" not in request.headers
+    assert server.sent_json() == {"model_name": "Qwen2.5-Coder-7B-Instruct", "max_seq_len": 4096}
+
+
+async def test_it_completes_a_load_of_the_model_already_loaded(kind: str) -> None:
+    events = [{"model_type": "model", "module": 1, "modules": 1, "status": status} for status in ("processing", "finished")]
+    body = "".join(f"data: {json.dumps(e, separators=(',', ':'))}\r\n\r\n" for e in events).encode()
+    assert await call(kind, streaming([body]).transport(), "load", "Tiny-Chat-5M") == events
+
+
+@pytest.mark.parametrize("how", ["whole", "odd"])
+async def test_it_stops_reading_at_the_final_finished_event(kind: str, how: str) -> None:
+    body = documented_load_stream() + b"data: not an event\r\n\r\n" * 3
+    server = streaming(cut(body, how))
+    progress = await call(kind, server.transport(), "load", "Qwen2.5-Coder-7B-Instruct")
+    assert progress == data_events(documented_load_stream())
+    if how == "odd":
+        assert server.body.served < len(server.body.chunks), "the chunks after the final event were never read"
+
+
+@pytest.mark.parametrize("last", [("model", 4, 4, "processing"), ("draft", 2, 2, "finished")])
+async def test_it_fails_a_load_whose_stream_closes_before_the_model_finishes(kind: str, last: tuple[str, int, int, str]) -> None:
+    event = json.dumps(dict(zip(("model_type", "module", "modules", "status"), last, strict=True)), separators=(",", ":"))
+    full = documented_load_stream()
+    body = full[: full.index(event.encode()) + len(event) + len(b"\r\n\r\n")]
+    seen: list[Any] = []
+    with pytest.raises(ModelLoadFailed, match="stopped before it finished"):
+        await call(kind, streaming(cut(body, "odd")).transport(), "load", "Qwen2.5-Coder-7B-Instruct", seen=seen)
+    assert seen == data_events(body) and seen[-1]["status"] == last[3]
+
+
+@pytest.mark.parametrize("how", ["whole", "bytes"])
+async def test_it_fails_a_load_that_errors_after_some_progress(kind: str, how: str) -> None:
+    events = data_events(documented_load_stream())[:4]
+    body = "".join(f"data: {json.dumps(e)}\r\n\r\n{PING}" for e in events) + error_event("Out of memory on device 0")
+    seen: list[Any] = []
+    with pytest.raises(ModelLoadFailed, match="Out of memory on device 0"):
+        await call(kind, streaming(cut(body.encode(), how)).transport(), "load", "Qwen2.5-Coder-7B-Instruct", seen=seen)
+    assert seen == events
+
+
+async def test_it_rejects_a_load_answered_without_a_stream(kind: str) -> None:
+    server = Server(200, [("content-type", "application/json")], Body([b'{"status":"ok"}']))
+    await fails(kind, server, "load", "Tiny-Chat-5M", error=BackendBadResponse)
+
+
+# Unloading
+
+
+@pytest.mark.parametrize("number", [42, 44, 86])
+async def test_it_raises_no_model_loaded_when_unloading_nothing(kind: str, number: int) -> None:
+    server = replaying(number)
+    error = await fails(kind, server, "unload", error=NoModelLoaded)
+    assert error.status == 503
+    assert (server.requests[0].method, server.requests[0].url.path) == ("POST", "/v1/model/unload")
+
+
+async def test_it_unloads_the_model(kind: str) -> None:
+    server = Server(200, [("content-type", "application/json")], Body([b"null"]))
+    assert await call(kind, server.transport(), "unload") is None
+
+
+async def test_it_understands_the_400_older_servers_sent_while_nothing_was_loaded(kind: str) -> None:
+    server = Server(400, [("content-type", "application/json")], Body([b'{"detail":"No models are currently loaded."}']))
+    assert (await fails(kind, server, "unload", error=NoModelLoaded)).status == 400
+
+
+# Chatting
+
+
+@pytest.mark.parametrize("how", ["whole", "bytes", "odd"])
+async def test_it_streams_chat_pieces_then_the_finish_reason_with_usage(kind: str, how: str) -> None:
+    server = streaming(cut(CHAT_STREAM, how))
+    deltas = await call(kind, server.transport(), "stream_chat", HELLO, max_tokens=16)
+    assert [delta.text for delta in deltas] == [*PIECES, ""]
+    assert deltas[-1] == ChatDelta(text="", finish_reason="stop", usage=USAGE, model="Tiny-Chat-5M")
+    assert all(delta.finish_reason is None and delta.usage is None for delta in deltas[:-1])
+    request = server.requests[0]
+    assert (request.method, request.url.path) == ("POST", "/v1/chat/completions")
+    assert request.headers["x-api-key"] == "test-api-key" and "authorization" not in request.headers
+    assert server.sent_json() == {"messages": HELLO, "max_tokens": 16, "stream": True, "stream_options": {"include_usage": True}}
+
+
+@pytest.mark.parametrize("how", ["whole", "odd"])
+async def test_it_raises_generation_failed_after_the_pieces_before_an_error_event(kind: str, how: str) -> None:
+    body = (chat_event("Hel") + chat_event("lo") + error_event("Generation was cancelled.")).encode()
+    seen: list[Any] = []
+    with pytest.raises(GenerationFailed, match="Generation was cancelled."):
+        await call(kind, streaming(cut(body, how)).transport(), "stream_chat", HELLO, seen=seen)
+    assert [delta.text for delta in seen] == ["Hel", "lo"]
+
+
+async def test_it_fails_an_answer_whose_stream_closes_early(kind: str) -> None:
+    seen: list[Any] = []
+    with pytest.raises(GenerationFailed, match="before the answer was complete"):
+        await call(kind, streaming([chat_event("Hel").encode()]).transport(), "stream_chat", HELLO, seen=seen)
+    assert [delta.text for delta in seen] == ["Hel"]
+
+
+@pytest.mark.parametrize("number", [45, 46, 85, 96])
+async def test_it_raises_no_model_loaded_when_chatting_with_nothing_loaded(kind: str, number: int) -> None:
+    assert (await fails(kind, replaying(number), "stream_chat", HELLO, error=NoModelLoaded)).status == 503
+
+
+@pytest.mark.parametrize("number", [47, 48])
+async def test_it_reports_tabbys_plain_text_500(kind: str, number: int) -> None:
+    error = await fails(
+        kind, replaying(number), "stream_chat", HELLO, model="Qwen2.5-Coder-7B-Instruct", error=BackendBadResponse
+    )
+    assert error.status == 500 and "Internal Server Error" in error.message
+
+
+async def test_closing_the_chat_stream_closes_the_response(kind: str) -> None:
+    server = streaming(cut(CHAT_STREAM, "odd"))
+    if kind == "async":
+        async with AsyncTabbyClient(CONFIG, transport=server.transport()) as client:
+            async with aclosing(client.stream_chat(HELLO)) as deltas:
+                assert (await anext(deltas)).text == "Hel"
+            assert server.body.closed
+    else:
+        with TabbyClient(CONFIG, transport=server.transport()) as sync_client, closing(sync_client.stream_chat(HELLO)) as pieces:
+            assert next(pieces).text == "Hel"
+        assert server.body.closed
+    assert server.body.served < len(server.body.chunks), "the rest of the answer was never read"
+
+
+# Wrong servers and no server
+
+
+async def test_it_reports_an_address_that_is_not_tabby(kind: str) -> None:
+    error = await fails(kind, replaying(59), "list_models", error=BackendBadResponse)
+    assert error.status == 404 and "Not Found" in error.message
+
+
+def real(url: str) -> TabbyConfig:
+    return TabbyConfig(base_url=url, api_key="k", admin_key="k", connect_timeout=2, read_timeout=0.5)
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts connections (the kernel does) and never answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield int(sock.getsockname()[1])
+
+
+METHODS = [("list_models", ()), ("current_model", ()), ("unload", ()), ("load", ("Tiny-Chat-5M",)), ("stream_chat", (HELLO,))]
+
+
+@pytest.mark.parametrize("method, args", METHODS)
+async def test_it_reports_a_refused_connection_as_unavailable(kind: str, method: str, args: tuple[Any, ...]) -> None:
+    url = f"http://127.0.0.1:{closed_port()}"
+    with pytest.raises(BackendUnavailable) as raised:
+        await call(kind, None, method, *args, config=real(url))
+    assert raised.value.message == f"TabbyAPI at {url} cannot be reached. Check that it is running and that the address is right."
+    assert raised.value.status is None
+
+
+@pytest.mark.parametrize("method, args", METHODS)
+async def test_it_reports_a_server_that_never_answers_as_unavailable(
+    kind: str, silent_port: int, method: str, args: tuple[Any, ...]
+) -> None:
+    with pytest.raises(BackendUnavailable, match="stopped answering .* nothing came for 0.5 seconds"):
+        await call(kind, None, method, *args, config=real(f"http://127.0.0.1:{silent_port}"))
