@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import aclosing
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -229,8 +230,9 @@ def _fresh_event(message_id: int) -> dict[str, Any]:
 async def _stream(history: list[dict[str, str]], reply: Message, pieces: list[str], group: str) -> str:
     last_save = time.monotonic()
     model = ""
-    async with async_client() as client:
-        async for delta in client.stream_chat(history, max_tokens=settings.GANTRY_MAX_ANSWER_TOKENS):
+    async with async_client() as client, aclosing(client.stream_chat(history, max_tokens=settings.GANTRY_MAX_ANSWER_TOKENS)) as stream:
+        # aclosing: leaving early (Stop, cancellation) closes the response, which ends the generation upstream.
+        async for delta in stream:
             model = delta.model or model
             if delta.text:
                 pieces.append(delta.text)

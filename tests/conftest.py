@@ -1,1 +1,34 @@
 from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tabby.demo import make_demo_models
+from tests.site import Site, run_site
+from tests.tabby.server import DEMO_MODELS, TabbyServer, run_tabby, wait_loaded
+
+TINY = "Tiny-Chat-5M"
+
+
+@pytest.fixture(scope="session")
+def demo_models() -> Path:
+    """The demo models (made once; `make test` has usually made them already)."""
+    make_demo_models(DEMO_MODELS, log=lambda line: None)
+    return DEMO_MODELS
+
+
+@pytest.fixture(scope="session")
+def tabby(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TabbyServer]:
+    """A real model server with the tiny demo model loaded, shared by the site's tests."""
+    with run_tabby(tmp_path_factory.mktemp("tabby"), demo_models, config={"model": {"model_name": TINY}}) as server:
+        wait_loaded(server, TINY)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def site(tabby: TabbyServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    """The real site (daphne, embedded default) with its cast: `admin`, `member`, `outsider`."""
+    with run_site(tmp_path_factory.mktemp("site"), tabby.url) as site:
+        yield site

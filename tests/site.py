@@ -36,12 +36,14 @@ class Site:
             raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
         return result.stdout
 
-    def login(self, user: tuple[str, str]) -> httpx.Client:
+    @contextmanager
+    def session(self, user: tuple[str, str]) -> Iterator[httpx.Client]:
         """An HTTP client holding a real session of `user` (the `session_id` cookie)."""
-        client = httpx.Client(base_url=self.url, timeout=60)
-        response = client.post("/api/auth/login", json={"username": user[0], "password": user[1]})
-        assert response.status_code == 200, response.text
-        return client
+        with httpx.Client(base_url=self.url, timeout=60) as client:
+            response = client.post("/api/auth/login", json={"username": user[0], "password": user[1]})
+            assert response.status_code == 200, response.text
+            assert "session_id" in client.cookies
+            yield client
 
     def log(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.workdir.glob("*.log")))

@@ -5,19 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from tabby.demo import make_demo_models
-from tests.tabby.server import DEMO_MODELS, TabbyServer, run_tabby, wait_loaded
+from tests.tabby.server import TabbyServer, run_tabby, wait_loaded
 
 TINY = "Tiny-Chat-5M"
 SMALL = "Small-Chat-200M"
 LARGE = "Large-Chat-1G"
-
-
-@pytest.fixture(scope="session")
-def demo_models() -> Path:
-    """The demo models (made once; `make test` has usually made them already)."""
-    make_demo_models(DEMO_MODELS, log=lambda line: None)
-    return DEMO_MODELS
 
 
 @pytest.fixture(scope="module")

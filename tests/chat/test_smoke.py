@@ -1,0 +1,25 @@
+"""A message posted through the API is answered by the real model server and saved."""
+
+from __future__ import annotations
+
+import time
+
+from tests.site import MEMBER, Site
+
+
+def test_a_posted_message_gets_a_saved_answer(site: Site) -> None:
+    with site.session(MEMBER) as client:
+        conversation = client.post("/api/conversations/", json={}).json()
+        posted = client.post(f"/api/conversations/{conversation['id']}/messages/", json={"content": "Hello"})
+        assert posted.status_code == 202
+        assert posted.json()["status"] == "queued"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            messages = client.get(f"/api/conversations/{conversation['id']}/messages/").json()
+            if messages[-1]["role"] == "assistant" and messages[-1]["status"] == "done":
+                break
+            time.sleep(0.2)
+    question, answer = messages
+    assert question["status"] == "done" and question["content"] == "Hello"
+    assert answer["content"] and answer["reply_to"] == question["id"]
+    assert answer["model_name"] == "Tiny-Chat-5M"
