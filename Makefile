@@ -5,12 +5,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 MODELS_DIR ?= models
-TABBY_HOST_ADDR ?= 127.0.0.1
+HOST ?= 127.0.0.1
+PORT ?= 8000
 TABBY_PORT ?= 5000
 TABBY_MODEL ?= Small-Chat-200M
 TORCH_VERSION ?= 2.13.0
+# Debian packages the tests need: Chromium (browser tests), redis-server (production mode),
+# docker-compose (checks docker-compose.yml).
+TEST_DEBS := chromium redis-server docker-compose
 
-.PHONY: run test bench models install install-test clean
+.PHONY: run test bench models install install-test debs clean
 
 # The CPU build of torch goes in first, so nothing later pulls a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -25,17 +29,37 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 install: $(VENV)/.installed
-install-test: $(VENV)/.installed-test
+install-test: $(VENV)/.installed-test debs
+
+debs:
+	@missing=""; for deb in $(TEST_DEBS); do dpkg -s $$deb >/dev/null 2>&1 || missing="$$missing $$deb"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "Installing Debian packages:$$missing"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		else \
+			echo "Missing Debian packages:$$missing (install them as root: apt-get install$$missing)"; exit 1; \
+		fi; \
+	fi
 
 models: $(VENV)/.installed
 	$(PY) -m tabby make-demo-models $(MODELS_DIR)
 
 run: models
 	@mkdir -p var/tabby
-	@echo "Starting the model server on http://$(TABBY_HOST_ADDR):$(TABBY_PORT) with $(TABBY_MODEL) loaded."
-	@echo "Its keys are in var/tabby/api_tokens.yml (made on first start)."
-	cd var/tabby && exec ../../$(PY) -m tabby serve --host $(TABBY_HOST_ADDR) --port $(TABBY_PORT) \
-		--model-dir ../../$(MODELS_DIR) --model-name $(TABBY_MODEL)
+	@$(PY) manage.py migrate --noinput -v 0
+	@$(PY) manage.py ensure_user admin --admin $${GANTRY_ADMIN_PASSWORD:+--password "$$GANTRY_ADMIN_PASSWORD"}
+	@trap 'kill $$tabby 2>/dev/null' EXIT; \
+	(cd var/tabby && exec ../../$(PY) -m tabby serve --host 127.0.0.1 --port $(TABBY_PORT) \
+		--model-dir ../../$(MODELS_DIR) --model-name $(TABBY_MODEL) >> ../tabby.log 2>&1) & tabby=$$!; \
+	for i in $$(seq 1 100); do curl -sf http://127.0.0.1:$(TABBY_PORT)/health >/dev/null && break; sleep 0.2; done; \
+	echo; \
+	echo "Gantry is running at http://$(HOST):$(PORT)/ (log in as admin; the password was printed when the"; \
+	echo "account was made, or set GANTRY_ADMIN_PASSWORD). The model server is http://127.0.0.1:$(TABBY_PORT)"; \
+	echo "with $(TABBY_MODEL) loading; its keys are in var/tabby/api_tokens.yml, its log in var/tabby.log."; \
+	echo "Stop with Ctrl+C."; echo; \
+	TABBY_HOST=http://127.0.0.1:$(TABBY_PORT) TABBY_TOKENS_FILE=var/tabby/api_tokens.yml \
+		$(PY) -m daphne -b $(HOST) -p $(PORT) gantry.asgi:application
 
 test: install-test models
 	$(PY) -m pytest
