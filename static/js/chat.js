@@ -32,7 +32,8 @@
     const parts = escapeHtml(source).split(/```[^\n]*\n?/);
     return parts.map((part, i) => {
       if (i % 2 === 1) return "<pre><code>" + part.replace(/\n$/, "") + "</code></pre>";
-      return part.split(/\n{2,}/).filter((p) => p.trim()).map((block) => {
+      // Trimmed: the text around a fence keeps a newline that would otherwise become a leading <br>.
+      return part.split(/\n{2,}/).map((p) => p.replace(/^\n+|\n+$/g, "")).filter((p) => p.trim()).map((block) => {
         const lines = block.split("\n");
         if (lines.every((l) => /^\s*[-*] /.test(l))) {
           return "<ul>" + lines.map((l) => "<li>" + inline(l.replace(/^\s*[-*] /, "")) + "</li>").join("") + "</ul>";
@@ -226,6 +227,7 @@
 
   document.getElementById("new-conversation").addEventListener("click", () => { window.location.href = "/"; });
 
+  // Resolves once the socket is open (the server joins its groups before accepting) or has failed.
   function connect() {
     const scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
     const path = conversationId ? "/ws/chat/" + conversationId + "/" : "/ws/chat/";
@@ -234,6 +236,11 @@
     socket.addEventListener("close", (event) => {
       // Reconnect after a dropped connection, then reload the history to catch up.
       if (event.code !== 1000) setTimeout(() => { connect(); loadHistory(); }, 1500);
+    });
+    const opening = socket;
+    return new Promise((resolve) => {
+      opening.addEventListener("open", resolve, { once: true });
+      opening.addEventListener("close", resolve, { once: true });
     });
   }
 
@@ -259,11 +266,13 @@
         if (empty) empty.remove();
         drawConversation(conversation, false);
         if (socket) { socket.onclose = null; socket.close(1000); }
-        connect();
+        // Post only once the new socket listens, or the answer's first events go to nobody.
+        await connect();
       }
       const message = await api("POST", "/api/conversations/" + conversationId + "/messages/", { content });
       input.value = "";
-      draw(message);
+      // The socket may already have brought a newer state of this message (its answer started).
+      if (!messages.has(message.id)) draw(message);
       scrollDown();
     } catch (error) {
       showComposerError(error.message); // the text stays in the input

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Error as PlaywrightError
 
-from tests.site import Site
+from tests.site import Site, run_site
+from tests.tabby.server import TabbyServer
 
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 # Without the background-networking flags Chromium keeps calling home, which a closed network punishes.
@@ -40,6 +42,13 @@ def browser() -> Iterator[Browser]:
         browser.close()
 
 
+@pytest.fixture(scope="module")
+def site(tabby: TabbyServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    """The real site with short answers: the demo model rambles for 512 tokens (~15 s on a CPU) otherwise."""
+    with run_site(tmp_path_factory.mktemp("site"), tabby.url, extra_env={"GANTRY_MAX_ANSWER_TOKENS": "40"}) as site:
+        yield site
+
+
 @pytest.fixture
 def page(browser: Browser, site: Site, tmp_path: Path) -> Iterator[Page]:
     """A page in a fresh context whose relative URLs go to `site`."""
@@ -60,7 +69,9 @@ def log_in(page: Page, user: tuple[str, str]) -> None:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     page = getattr(item, "funcargs", {}).get("page")
     tmp_path = getattr(item, "funcargs", {}).get("tmp_path")
@@ -68,7 +79,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         path = tmp_path / "failure.png"
         try:
             page.screenshot(path=path, full_page=True)
-        except Exception as exc:  # the page may have crashed, which is what failed
+        except PlaywrightError as exc:  # the page may have crashed, which is what failed
             report.sections.append(("screenshot", f"No screenshot: {exc}"))
         else:
             report.sections.append(("screenshot", f"The page at the failure: {path}"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from playwright.sync_api import Dialog, Page, expect
+from playwright.sync_api import Dialog, Page, WebSocketRoute, expect
 
 from tests.e2e.conftest import log_in
 from tests.site import ADMIN, MEMBER, Site
@@ -19,6 +19,12 @@ RECORD_GROWTH = """() => {
     if (answer) window.__lengths.push(answer.textContent.length);
   }).observe(document.getElementById("messages"), {childList: true, subtree: true, characterData: true, attributes: true});
 }"""
+
+
+def growth_steps(page: Page) -> tuple[int, list[int]]:
+    """How many times the answer grew while still generating (from nothing), and the lengths seen."""
+    lengths: list[int] = page.evaluate("window.__lengths")
+    return sum(1 for before, after in zip([0, *lengths], lengths) if after > before), lengths
 
 
 def make_conversation(site: Site, title: str, question: str, answer: str) -> int:
@@ -43,10 +49,9 @@ def test_an_answer_streams_in_and_stays_after_a_reload(page: Page) -> None:
 
     answer = page.locator("#messages .message.assistant")
     expect(answer).to_have_class(re.compile(r"\bdone\b"), timeout=ANSWER_TIMEOUT_MS)
-    lengths: list[int] = page.evaluate("window.__lengths")
-    steps = sum(1 for before, after in zip([0, *lengths], lengths) if after > before)
+    steps, lengths = growth_steps(page)
     assert steps >= 2, f"The answer did not grow while being generated; lengths seen: {lengths}"
-    full_answer = answer.locator(".body").inner_text()
+    full_answer = answer.locator(".body").text_content() or ""
     assert full_answer.strip()
     expect(page).to_have_url(re.compile(r"/c/\d+/$"))
     expect(page.get_by_label("Message")).to_have_value("")
@@ -54,7 +59,9 @@ def test_an_answer_streams_in_and_stays_after_a_reload(page: Page) -> None:
     page.reload()
     expect(page.locator("#messages .message.user")).to_have_text("Tell me about gantry cranes")
     expect(page.locator("#messages .message.assistant .body")).to_have_text(full_answer)
-    expect(page.locator("#conversation-list .conversation-item.active .conversation-link")).to_have_text("Tell me about gantry cranes")
+    expect(page.locator("#conversation-list .conversation-item.active .conversation-link")).to_have_text(
+        "Tell me about gantry cranes"
+    )
 
     page.locator("#profile-button").click()
     page.get_by_role("menuitem", name="Log out").click()
@@ -65,9 +72,9 @@ def test_an_answer_streams_in_and_stays_after_a_reload(page: Page) -> None:
 def test_shift_enter_starts_a_new_line_instead_of_sending(page: Page) -> None:
     log_in(page, MEMBER)
     box = page.get_by_label("Message")
-    box.type("first line")
+    box.press_sequentially("first line")
     box.press("Shift+Enter")
-    box.type("second line")
+    box.press_sequentially("second line")
     expect(box).to_have_value("first line\nsecond line")
     expect(page).to_have_url("/")
 
@@ -82,19 +89,19 @@ def test_a_conversation_is_renamed_and_deleted_from_the_sidebar(page: Page, site
     conversation_id = make_conversation(site, "Trip plans", "Where to?", "Somewhere warm.")
     log_in(page, MEMBER)
     item = page.locator(f'#conversation-list .conversation-item[data-id="{conversation_id}"]')
-    expect(item).to_have_text("Trip plans")
+    expect(item.locator(".conversation-link")).to_have_text("Trip plans")
 
-    prompts: list[str] = []
+    prompts: list[tuple[str, str]] = []
 
     def rename(dialog: Dialog) -> None:
-        prompts.append(dialog.message)
+        prompts.append((dialog.message, dialog.default_value))
         dialog.accept("Packing list")
 
     page.once("dialog", rename)
     item.hover()
     item.get_by_role("button", name="Rename").click()
     expect(item.locator(".conversation-link")).to_have_text("Packing list")
-    assert prompts == ["Rename conversation"]
+    assert prompts == [("Rename conversation", "Trip plans")]
     page.reload()
     expect(item.locator(".conversation-link")).to_have_text("Packing list")
 
@@ -117,7 +124,7 @@ def test_cancelling_the_delete_dialog_keeps_the_conversation(page: Page, site: S
     item.hover()
     item.get_by_role("button", name="Delete").click()
     page.reload()
-    expect(item).to_have_text("Keep me")
+    expect(item.locator(".conversation-link")).to_have_text("Keep me")
 
 
 def test_the_profile_menu_names_the_member_without_an_admin_entry(page: Page) -> None:
@@ -145,13 +152,13 @@ def test_the_profile_menu_offers_the_admin_dashboard_to_the_admin(page: Page) ->
 
 
 def test_markdown_in_answers_is_rendered_without_running_anything(page: Page, site: Site) -> None:
-    question = "Is <b>this</b> bold? <img src=x onerror=\"window.__pwned = 3\">"
+    question = 'Is <b>this</b> bold? <img src=x onerror="window.__pwned = 3">'
     answer = (
         "Here is **bold** text.\n\n"
         "<script>window.__pwned = 1</script>\n\n"
         '<img src=x onerror="window.__pwned = 2">\n\n'
         "A [link](javascript:alert(1)) and a [real one](https://example.org/docs).\n\n"
-        "```python\nprint('<hi>')\n```"
+        "```python\nprint('<hi>')\n```\n\nThat is all."
     )
     conversation_id = make_conversation(site, "Unsafe markdown", question, answer)
     log_in(page, MEMBER)
@@ -160,6 +167,7 @@ def test_markdown_in_answers_is_rendered_without_running_anything(page: Page, si
     reply = page.locator("#messages .message.assistant .body")
     expect(reply.locator("strong")).to_have_text("bold")
     expect(reply.locator("pre > code")).to_have_text("print('<hi>')")
+    expect(reply.locator("pre + p")).to_have_js_property("innerHTML", "That is all.")
     expect(reply).to_contain_text("<script>window.__pwned = 1</script>")
     expect(reply).to_contain_text('<img src=x onerror="window.__pwned = 2">')
     expect(reply).to_contain_text("[link](javascript:alert(1))")
@@ -189,3 +197,20 @@ def test_a_too_long_message_is_refused_and_kept_in_the_input(page: Page) -> None
     error_box = page.locator("#composer-error").bounding_box()
     input_box = box.bounding_box()
     assert error_box and input_box and error_box["y"] + error_box["height"] <= input_box["y"]
+
+
+def test_an_answer_streams_in_even_when_the_socket_opens_slowly(page: Page) -> None:
+    log_in(page, MEMBER)
+
+    def open_slowly(socket: WebSocketRoute) -> None:
+        page.wait_for_timeout(1_000)  # a slow network, not a wait for anything
+        socket.connect_to_server()
+
+    page.route_web_socket(re.compile(r"/ws/chat/\d+/$"), open_slowly)
+    page.evaluate(RECORD_GROWTH)
+    page.get_by_label("Message").fill("Hello over a slow line")
+    page.get_by_label("Message").press("Enter")
+
+    expect(page.locator("#messages .message.assistant")).to_have_class(re.compile(r"\bdone\b"), timeout=ANSWER_TIMEOUT_MS)
+    steps, lengths = growth_steps(page)
+    assert steps >= 2, f"The answer did not stream in; lengths seen: {lengths}"
