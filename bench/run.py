@@ -7,12 +7,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import tabby_bench  # noqa: E402
+from bench import site_bench, tabby_bench  # noqa: E402
 
 
 def main() -> None:
     print("== Model server (tabby/) ==")
     tabby_bench.main()
+    print()
+    print("== Chat (site) ==")
+    site_bench.main()
 
 
 if __name__ == "__main__":

@@ -50,3 +50,4 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
 
     chat_message = chat_queued = chat_token = chat_done = chat_error = chat_conversation = forward
     model_state = model_progress = forward
+    model_list = forward

@@ -13,6 +13,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import Q
+from django.utils import timezone
 
 from chat.models import Conversation, Message
 from gantry.background import spawn
@@ -162,8 +163,10 @@ def _history(question: Message) -> list[dict[str, str]]:
 @sync_to_async
 def _save_partial(reply: Message, content: str) -> bool:
     """Save the answer so far; False when the question was stopped meanwhile (possibly elsewhere)."""
-    Message.objects.filter(pk=reply.pk).update(content=content)
-    return Message.objects.filter(pk=reply.reply_to_id, status=Message.Status.GENERATING).exists()
+    now = timezone.now()
+    Message.objects.filter(pk=reply.pk).update(content=content, updated=now)
+    # Touching the question is this answer's heartbeat (see Message.objects.answering()).
+    return bool(Message.objects.filter(pk=reply.reply_to_id, status=Message.Status.GENERATING).update(updated=now))
 
 
 @sync_to_async

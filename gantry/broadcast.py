@@ -84,8 +84,23 @@ class ModelProgressEvent(TypedDict):
     eta_seconds: float | None
 
 
+class ModelListEvent(TypedDict):
+    """The list of models changed (a folder appeared or went away)."""
+
+    type: Literal["model.list"]
+    models: list[dict[str, Any]]
+
+
 Event = (
-    MessageEvent | QueuedEvent | TokenEvent | DoneEvent | ErrorEvent | ConversationEvent | ModelStateEvent | ModelProgressEvent
+    MessageEvent
+    | QueuedEvent
+    | TokenEvent
+    | DoneEvent
+    | ErrorEvent
+    | ConversationEvent
+    | ModelStateEvent
+    | ModelProgressEvent
+    | ModelListEvent
 )
 
 CHAT_GROUP = "chat"

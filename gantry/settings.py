@@ -153,6 +153,10 @@ GANTRY_MAX_ANSWER_TOKENS = env_int("GANTRY_MAX_ANSWER_TOKENS", 512, minimum=1)
 GANTRY_LOGIN_MAX_FAILURES = env_int("GANTRY_LOGIN_MAX_FAILURES", 5, minimum=1)
 GANTRY_LOGIN_LOCKOUT = env_int("GANTRY_LOGIN_LOCKOUT", 300, minimum=1)
 GANTRY_SWITCH_TIMEOUT = env_float("GANTRY_SWITCH_TIMEOUT", 30.0, minimum=1.0)
+GANTRY_ROLLBACK_ON_FAILURE = env_bool("GANTRY_ROLLBACK_ON_FAILURE", True)
+GANTRY_DRAIN_TIMEOUT = env_float("GANTRY_DRAIN_TIMEOUT", 60.0, minimum=0.0)
+# A running switch or unload whose worker gave no sign of life for this long is declared dead.
+GANTRY_OPERATION_STALE_AFTER = env_float("GANTRY_OPERATION_STALE_AFTER", 15.0, minimum=2.0)
 GANTRY_REFRESH_INTERVAL = env_float("GANTRY_REFRESH_INTERVAL", 60.0, minimum=1.0)
 CELERY_BEAT_SCHEDULE = {
     "refresh-models": {"task": "models_admin.tasks.refresh_models", "schedule": GANTRY_REFRESH_INTERVAL},

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db import models
+from django.utils import timezone
 
 
 class Backend(models.Model):
@@ -16,11 +18,14 @@ class Backend(models.Model):
         UNLOADED = "unloaded"
         FAILED = "failed"
 
+    BUSY = (State.SWITCHING, State.UNLOADING)
+
     name = models.CharField(max_length=100, unique=True, default="default")
     base_url = models.CharField(max_length=500)
     state = models.CharField(max_length=16, choices=State.choices, default=State.UNLOADED)
     active_model = models.CharField(max_length=200, blank=True, default="")
     target_model = models.CharField(max_length=200, blank=True, default="")
+    operation = models.ForeignKey("Operation", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     refreshed_at = models.DateTimeField(null=True, blank=True)
     updated = models.DateTimeField(auto_now=True)
 
@@ -30,6 +35,10 @@ class Backend(models.Model):
     @property
     def is_ready(self) -> bool:
         return self.state == self.State.READY and bool(self.active_model)
+
+    @property
+    def is_busy(self) -> bool:
+        return self.state in self.BUSY
 
     def as_event(self) -> dict[str, Any]:
         return {
@@ -56,5 +65,80 @@ class LanguageModel(models.Model):
         return self.name
 
 
-def default_base_url() -> str:
-    return str(settings.TABBY_HOST)
+class OperationQuerySet(models.QuerySet):
+    def running(self) -> OperationQuerySet:
+        return self.filter(status=Operation.Status.RUNNING)
+
+    def stale(self, seconds: float) -> OperationQuerySet:
+        """Running operations whose worker has given no sign of life for `seconds`."""
+        return self.running().filter(heartbeat__lt=timezone.now() - timedelta(seconds=seconds))
+
+    def load_seconds(self, model_name: str, limit: int = 5) -> list[float]:
+        """How long the last successful loads of a model took (for the time-left estimate)."""
+        rows = self.filter(to_model=model_name, status=Operation.Status.SUCCEEDED, load_seconds__isnull=False)
+        return [float(v) for v in rows.order_by("-finished").values_list("load_seconds", flat=True)[:limit]]
+
+
+class Operation(models.Model):
+    """One switch or unload: the audit log, and the state a running one reports."""
+
+    class Kind(models.TextChoices):
+        SWITCH = "switch"
+        UNLOAD = "unload"
+
+    class Status(models.TextChoices):
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+
+    class Source(models.TextChoices):
+        DASHBOARD = "dashboard"
+        API = "api"
+        COMMAND = "command"
+
+    backend = models.ForeignKey(Backend, on_delete=models.CASCADE, related_name="operations")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.RUNNING)
+    source = models.CharField(max_length=16, choices=Source.choices, default=Source.API)
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    from_model = models.CharField(max_length=200, blank=True, default="")
+    to_model = models.CharField(max_length=200, blank=True, default="")
+    step = models.CharField(max_length=32, blank=True, default="queued")
+    percent = models.FloatField(default=0)
+    text = models.CharField(max_length=300, blank=True, default="")
+    error = models.TextField(blank=True, default="")
+    # "stalled" (no progress within GANTRY_SWITCH_TIMEOUT), "unreachable", "load_failed", "interrupted"...
+    error_kind = models.CharField(max_length=32, blank=True, default="")
+    rolled_back = models.BooleanField(default=False)
+    load_seconds = models.FloatField(null=True, blank=True)
+    started = models.DateTimeField(auto_now_add=True)
+    heartbeat = models.DateTimeField(default=timezone.now)
+    finished = models.DateTimeField(null=True, blank=True)
+
+    objects = OperationQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-started", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.from_model or '-'} → {self.to_model or '-'} ({self.status})"
+
+    @property
+    def duration(self) -> float | None:
+        return (self.finished - self.started).total_seconds() if self.finished else None
+
+    def as_activity(self) -> dict[str, Any]:
+        return {
+            "id": self.pk,
+            "kind": self.kind,
+            "status": self.status,
+            "source": self.source,
+            "who": self.requested_by.get_username() if self.requested_by else "",
+            "from_model": self.from_model or None,
+            "to_model": self.to_model or None,
+            "started": self.started.isoformat(),
+            "finished": self.finished.isoformat() if self.finished else None,
+            "duration": self.duration,
+            "error": self.error,
+            "rolled_back": self.rolled_back,
+        }

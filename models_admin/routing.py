@@ -1,3 +1,7 @@
 from __future__ import annotations
 
-websocket_urlpatterns: list = []  # the Admin Dashboard's socket arrives with the Models tab
+from django.urls import path
+
+from models_admin.consumers import ModelsConsumer
+
+websocket_urlpatterns = [path("ws/models/", ModelsConsumer.as_asgi())]

@@ -1,4 +1,4 @@
-"""Operations on backends: what talks to TabbyAPI, broadcasts, or changes the backend's state."""
+"""Backends and their models: the TabbyAPI client from settings, the model list, state broadcasts."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import yaml
 from django.conf import settings
 from django.utils import timezone
 
-from gantry.broadcast import CHAT_GROUP, MODELS_GROUP, ModelStateEvent, broadcast
-from models_admin.models import Backend
+from gantry.broadcast import CHAT_GROUP, MODELS_GROUP, ModelListEvent, ModelStateEvent, broadcast
+from models_admin.models import Backend, LanguageModel, Operation
 from models_admin.tabby_client import AsyncTabbyClient, BackendError, TabbyClient, TabbyConfig
 
 
@@ -44,28 +44,65 @@ def default_backend() -> Backend:
     return backend
 
 
-def refresh_backend() -> Backend:
-    """Ask TabbyAPI which model is loaded and record it (the truth is TabbyAPI's, not ours)."""
+def sync_models() -> Backend:
+    """Take the model list and the loaded model from TabbyAPI (the truth is TabbyAPI's, not ours)."""
     backend = default_backend()
-    if backend.state in (Backend.State.SWITCHING, Backend.State.UNLOADING):
-        return backend  # the running operation owns the state
     try:
         with sync_client() as client:
+            names = [card["id"] for card in client.list_models()]
             card = client.current_model()
     except BackendError:
         return backend
-    before = backend.as_event()
-    backend.active_model = card["id"] if card else ""
-    backend.state = Backend.State.READY if card else Backend.State.UNLOADED
-    backend.refreshed_at = timezone.now()
-    backend.save(update_fields=["active_model", "state", "refreshed_at", "updated"])
-    if backend.as_event() != before:
-        announce_state(backend)
+    changed = _record_models(backend, names)
+    backend.refresh_from_db()
+    if not backend.is_busy:  # a running operation owns the state until it ends
+        before = backend.as_event()
+        backend.active_model = card["id"] if card else ""
+        backend.state = Backend.State.READY if card else Backend.State.UNLOADED
+        backend.refreshed_at = timezone.now()
+        backend.save(update_fields=["active_model", "state", "refreshed_at", "updated"])
+        if backend.as_event() != before:
+            announce_state(backend)
+    if changed:
+        broadcast(MODELS_GROUP, ModelListEvent(type="model.list", models=model_rows(backend)))
     return backend
 
 
+def _record_models(backend: Backend, names: list[str]) -> bool:
+    known = {m.name: m for m in LanguageModel.objects.filter(backend=backend)}
+    changed = False
+    for name in names:
+        model = known.get(name)
+        if model is None:
+            LanguageModel.objects.create(backend=backend, name=name)
+            changed = True
+        elif not model.present:
+            model.present = True
+            model.save(update_fields=["present", "last_seen"])
+            changed = True
+    gone = [m.pk for name, m in known.items() if name not in names and m.present]
+    LanguageModel.objects.filter(pk__in=gone).update(present=False)
+    return changed or bool(gone)
+
+
+def model_rows(backend: Backend) -> list[dict[str, Any]]:
+    """The model list as the admin API and the Models tab show it."""
+    rows = []
+    for model in LanguageModel.objects.filter(backend=backend, present=True).order_by("name"):
+        past = Operation.objects.load_seconds(model.name, limit=1)
+        rows.append(
+            {
+                "id": model.name,
+                "name": model.name,
+                "active": backend.active_model == model.name and backend.state == Backend.State.READY,
+                "last_load_seconds": past[0] if past else None,
+            }
+        )
+    return rows
+
+
 def announce_state(backend: Backend) -> None:
-    event = ModelStateEvent(type="model.state", operation_id=None, **backend.as_event())
+    event = ModelStateEvent(type="model.state", operation_id=backend.operation_id, **backend.as_event())
     broadcast(CHAT_GROUP, event)
     broadcast(MODELS_GROUP, event)
 
@@ -73,4 +110,4 @@ def announce_state(backend: Backend) -> None:
 def backend_event() -> dict[str, Any]:
     """The backend's state as the `model.state` event carries it (without `type`)."""
     backend = default_backend()
-    return {**backend.as_event(), "operation_id": None}
+    return {**backend.as_event(), "operation_id": backend.operation_id}

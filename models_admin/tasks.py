@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from models_admin import services
+from models_admin import operations, services
 
 
 @shared_task
 def refresh_models() -> None:
-    """Ask TabbyAPI what is loaded (every GANTRY_REFRESH_INTERVAL seconds)."""
-    services.refresh_backend()
+    """Every GANTRY_REFRESH_INTERVAL seconds: recover dead operations, then take TabbyAPI's model list."""
+    operations.reconcile_stale_operations()
+    services.sync_models()
+
+
+@shared_task(acks_late=False)
+def run_operation(operation_id: int) -> None:
+    # Not acked late: a redelivered switch would repeat unloads and loads; a dead one is reconciled.
+    operations.run_operation(operation_id)

@@ -1,9 +1,16 @@
 from __future__ import annotations
 
 from django.urls import path
+from django.views.generic import RedirectView
 
-from models_admin import views
+from models_admin import api, views
 
 urlpatterns = [
-    path("admin/", views.dashboard, name="dashboard"),
+    path("admin/", RedirectView.as_view(url="/admin/models/"), name="dashboard"),
+    path("admin/models/", views.models_tab, name="models-tab"),
+    path("admin/activity/", views.activity_tab, name="activity-tab"),
+    path("api/admin/models", api.models),
+    path("api/admin/models/switch", api.switch),
+    path("api/admin/models/unload", api.unload),
+    path("api/admin/models/refresh", api.refresh),
 ]

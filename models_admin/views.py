@@ -1,10 +1,30 @@
+"""The Admin Dashboard pages: the Models tab and the Activity tab."""
+
 from __future__ import annotations
 
 from django.contrib.admin.views.decorators import staff_member_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 
+from models_admin.models import Operation
+from models_admin.services import backend_event, default_backend, model_rows
+
 
 @staff_member_required(login_url="/login/")
-def dashboard(request: HttpRequest) -> HttpResponse:
-    return render(request, "models_admin/dashboard.html")
+def models_tab(request: HttpRequest) -> HttpResponse:
+    backend = default_backend()
+    running = backend.operation
+    context = {
+        "tab": "models",
+        "rows": model_rows(backend),
+        "state": backend_event(),
+        "running": {"id": running.pk, "kind": running.kind, "to_model": running.to_model, "step": running.step,
+                    "percent": running.percent, "text": running.text} if running else None,
+    }
+    return render(request, "models_admin/models.html", context)
+
+
+@staff_member_required(login_url="/login/")
+def activity_tab(request: HttpRequest) -> HttpResponse:
+    operations = Operation.objects.select_related("requested_by")[:200]
+    return render(request, "models_admin/activity.html", {"tab": "activity", "operations": operations})

@@ -1,0 +1,138 @@
+"""Gantry's chat path against streaming from the model server directly, measured in one run.
+
+- time to first token through Gantry's WebSocket minus direct (median, target <= 10 ms)
+- tokens per second through Gantry against direct (ratio of medians, target >= 0.95)
+- 100 simultaneous chats on one daphne process: all complete; the inter-token latency Gantry adds
+  at p50 and p99 (Gantry's gaps minus those of 100 simultaneous direct streams)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import websockets
+
+from bench.common import median, report
+from tests.site import MEMBER, Site, run_site
+from tests.tabby.server import API_KEY, DEMO_MODELS, TabbyServer, run_tabby, wait_loaded
+
+MODEL = "Small-Chat-200M"
+TINY = "Tiny-Chat-5M"
+TOKENS = 128
+ROUNDS = 7
+CROWD = 100
+CROWD_TOKENS = 24
+QUESTION = "Describe what a Python package is, in a few sentences."
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+async def direct(tabby: TabbyServer, client: httpx.AsyncClient, tokens: int) -> tuple[float, float, list[float]]:
+    """(time to first token, pieces per second, gaps between pieces) straight from the model server."""
+    body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": tokens, "stream": True}
+    started = time.perf_counter()
+    stamps: list[float] = []
+    async with client.stream("POST", tabby.url + "/v1/chat/completions", json=body, headers={"x-api-key": API_KEY}) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                stamps.append(time.perf_counter())
+    return summary(started, stamps)
+
+
+def summary(started: float, stamps: list[float]) -> tuple[float, float, list[float]]:
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return stamps[0] - started, len(stamps) / (stamps[-1] - started), gaps
+
+
+async def through_gantry(site: Site, client: httpx.AsyncClient, cookie: str) -> tuple[float, float, list[float]]:
+    conversation = (await client.post(site.url + "/api/conversations/", json={})).json()
+    url = site.url.replace("http://", "ws://") + f"/ws/chat/{conversation['id']}/"
+    async with websockets.connect(url, additional_headers={"Cookie": cookie, "Origin": site.url}) as socket:
+        await socket.recv()  # model.state
+        started = time.perf_counter()
+        posted = await client.post(site.url + f"/api/conversations/{conversation['id']}/messages/", json={"content": QUESTION})
+        assert posted.status_code == 202, posted.text
+        stamps: list[float] = []
+        while True:
+            event = json.loads(await socket.recv())
+            if event["type"] == "chat.token":
+                stamps.append(time.perf_counter())
+            elif event["type"] == "chat.done":
+                assert event["status"] == "done", event
+                break
+    return summary(started, stamps)
+
+
+async def logged_in(site: Site) -> tuple[httpx.AsyncClient, str]:
+    client = httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=200))
+    await client.__aenter__()
+    response = await client.post(site.url + "/api/auth/login", json={"username": MEMBER[0], "password": MEMBER[1]})
+    assert response.status_code == 200
+    return client, f"session_id={client.cookies['session_id']}"
+
+
+async def single_streams(tabby: TabbyServer, site: Site) -> None:
+    client, cookie = await logged_in(site)
+    try:
+        await direct(tabby, client, TOKENS)
+        await through_gantry(site, client, cookie)  # warm-up
+        gantry_runs, direct_runs = [], []
+        for _ in range(ROUNDS):
+            gantry_runs.append(await through_gantry(site, client, cookie))
+            direct_runs.append(await direct(tabby, client, TOKENS))
+    finally:
+        await client.aclose()
+    ttft_g, ttft_d = median([r[0] for r in gantry_runs]) * 1000, median([r[0] for r in direct_runs]) * 1000
+    tps_g, tps_d = median([r[1] for r in gantry_runs]), median([r[1] for r in direct_runs])
+    print(f"Chat through Gantry (WebSocket) vs the model server directly, {MODEL}, {TOKENS} tokens, median of {ROUNDS}:")
+    report("tokens/s through Gantry (vs direct)", tps_g, "tok/s", tps_d, ">= 0.95")
+    report("time to first token through Gantry", ttft_g, "ms", ttft_d)
+    report("time to first token added by Gantry (median)", ttft_g - ttft_d, "ms", None, "<= 10 ms")
+
+
+async def crowd(tabby: TabbyServer, site: Site) -> None:
+    client, cookie = await logged_in(site)
+    try:
+        started = time.perf_counter()
+        direct_runs = await asyncio.gather(*(direct(tabby, client, CROWD_TOKENS) for _ in range(CROWD)))
+        direct_time = time.perf_counter() - started
+        started = time.perf_counter()
+        gantry_runs = await asyncio.gather(*(through_gantry(site, client, cookie) for _ in range(CROWD)))
+        gantry_time = time.perf_counter() - started
+    finally:
+        await client.aclose()
+    direct_gaps = [g * 1000 for run in direct_runs for g in run[2]]
+    gantry_gaps = [g * 1000 for run in gantry_runs for g in run[2]]
+    print(f"{CROWD} simultaneous chats on one daphne process ({TINY}, up to {CROWD_TOKENS} tokens each):")
+    report("chats completed through Gantry", len(gantry_runs), "chats", CROWD)
+    report("wall time through Gantry (vs 100 direct streams)", gantry_time, "s", direct_time)
+    for p in (50, 99):
+        added = percentile(gantry_gaps, p) - percentile(direct_gaps, p)
+        report(f"inter-token latency p{p} added by Gantry", added, "ms", None, "", f"Gantry {percentile(gantry_gaps, p):.1f} ms, direct {percentile(direct_gaps, p):.1f} ms")
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as workdir:
+        env = {"GANTRY_MAX_ANSWER_TOKENS": str(TOKENS)}
+        with run_tabby(Path(workdir) / "tabby", DEMO_MODELS, config={"model": {"model_name": MODEL}}) as tabby:
+            wait_loaded(tabby, MODEL)
+            with run_site(Path(workdir) / "site", tabby.url, extra_env=env) as site:
+                asyncio.run(single_streams(tabby, site))
+        with run_tabby(Path(workdir) / "tabby-tiny", DEMO_MODELS, config={"model": {"model_name": TINY}}) as tabby:
+            wait_loaded(tabby, TINY)
+            crowd_env = {"GANTRY_MAX_ANSWER_TOKENS": str(CROWD_TOKENS)}
+            with run_site(Path(workdir) / "site-crowd", tabby.url, extra_env=crowd_env) as site:
+                asyncio.run(crowd(tabby, site))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""`manage.py sync_models`: take the model list and the loaded model from TabbyAPI now."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand
+
+from models_admin.operations import reconcile_stale_operations
+from models_admin.services import model_rows, sync_models
+
+
+class Command(BaseCommand):
+    help = "Refresh the model list and the active model from TabbyAPI (what the periodic refresh does)."
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        reconcile_stale_operations()
+        backend = sync_models()
+        rows = model_rows(backend)
+        active = backend.active_model or "none"
+        self.stdout.write(f"{len(rows)} models; active: {active}; state: {backend.state}.")

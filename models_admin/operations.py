@@ -1,0 +1,305 @@
+"""Switching and unloading models: requests (checked and recorded) and their runs (Celery tasks).
+
+A request takes the backend's row lock, refuses a second operation (409; the same target joins the
+running switch), records an Operation and hands its id to a task. The run drains running answers,
+unloads (0-40 %), loads with progress (40-100 %), verifies with `GET /v1/model`, and on failure
+reloads the previous model. Every step is saved (the truth survives any process) and broadcast.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from gantry.background import dispatch
+from gantry.broadcast import CHAT_GROUP, MODELS_GROUP, ModelProgressEvent, broadcast
+from models_admin.models import Backend, LanguageModel, Operation
+from models_admin.services import announce_state, default_backend, sync_client, sync_models
+from models_admin.signals import model_ready, model_unavailable, running_answers
+from models_admin.tabby_client import BackendError, BackendUnavailable, NoModelLoaded, TabbyClient
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class UnknownModel(Exception):
+    pass
+
+
+class OperationConflict(Exception):
+    def __init__(self, running: Operation) -> None:
+        super().__init__(f"Another operation is running: {running}")
+        self.running = running
+
+
+class Stalled(Exception):
+    pass
+
+
+# Requests
+
+
+def request_switch(model_name: str, user: Any = None, source: str = Operation.Source.API) -> Operation | None:
+    """Start a switch (or join the running switch to the same model); None when it is already active."""
+    if not LanguageModel.objects.filter(backend=default_backend(), name=model_name, present=True).exists():
+        sync_models()  # a folder added since the last refresh
+        if not LanguageModel.objects.filter(backend=default_backend(), name=model_name, present=True).exists():
+            raise UnknownModel(model_name)
+    with transaction.atomic():
+        backend = Backend.objects.select_for_update().get(pk=default_backend().pk)
+        running = _running(backend)
+        if running is not None:
+            if running.kind == Operation.Kind.SWITCH and running.to_model == model_name:
+                return running
+            raise OperationConflict(running)
+        if backend.state == Backend.State.READY and backend.active_model == model_name:
+            return None
+        return _begin(backend, Operation.Kind.SWITCH, model_name, user, source)
+
+
+def request_unload(user: Any = None, source: str = Operation.Source.API) -> Operation | None:
+    """Start an unload (or join the running one); None when nothing is loaded."""
+    with transaction.atomic():
+        backend = Backend.objects.select_for_update().get(pk=default_backend().pk)
+        running = _running(backend)
+        if running is not None:
+            if running.kind == Operation.Kind.UNLOAD:
+                return running
+            raise OperationConflict(running)
+        if backend.state == Backend.State.UNLOADED and not backend.active_model:
+            return None
+        return _begin(backend, Operation.Kind.UNLOAD, "", user, source)
+
+
+def _running(backend: Backend) -> Operation | None:
+    return Operation.objects.running().filter(backend=backend).order_by("-started").first()
+
+
+def _begin(backend: Backend, kind: str, model_name: str, user: Any, source: str) -> Operation:
+    from models_admin import tasks
+
+    operation = Operation.objects.create(
+        backend=backend, kind=kind, source=source, from_model=backend.active_model, to_model=model_name,
+        requested_by=user if user is not None and user.is_authenticated else None, text="Waiting to start...",
+    )
+    backend.state = Backend.State.SWITCHING if kind == Operation.Kind.SWITCH else Backend.State.UNLOADING
+    backend.target_model = model_name
+    backend.operation = operation
+    backend.save(update_fields=["state", "target_model", "operation", "updated"])
+    transaction.on_commit(lambda: _announce_begin(backend))
+    dispatch(tasks.run_operation, operation.pk)
+    return operation
+
+
+def _announce_begin(backend: Backend) -> None:
+    announce_state(backend)
+    model_unavailable.send(sender=Backend, backend_id=backend.pk)
+
+
+# Runs
+
+
+@dataclass
+class Reporter:
+    """Saves and broadcasts an operation's progress; its saves are also the heartbeat."""
+
+    operation: Operation
+    load_started: float = 0.0
+
+    def report(self, step: str, percent: float, text: str, module: int = 0, modules: int = 0) -> None:
+        op = self.operation
+        op.step, op.percent, op.text, op.heartbeat = step, round(percent, 1), text, timezone.now()
+        op.save(update_fields=["step", "percent", "text", "heartbeat"])
+        event = ModelProgressEvent(
+            type="model.progress", operation_id=op.pk, step=step, model=op.to_model or op.from_model or None,
+            percent=op.percent, module=module, modules=modules, text=text, eta_seconds=self.eta(module, modules),
+        )
+        broadcast(MODELS_GROUP, event)
+        broadcast(CHAT_GROUP, event)
+
+    def beat(self) -> None:
+        Operation.objects.filter(pk=self.operation.pk).update(heartbeat=timezone.now())
+
+    def eta(self, module: int, modules: int) -> float | None:
+        """Time left for a load: from this model's past load durations, else from the pace so far."""
+        if self.operation.step not in ("loading", "rolling_back") or not self.load_started:
+            return None
+        elapsed = time.monotonic() - self.load_started
+        past = Operation.objects.load_seconds(self.operation.to_model)
+        if past:
+            return round(max(0.0, statistics.median(past) - elapsed), 1)
+        if module and modules:
+            return round(elapsed * (modules - module) / module, 1)
+        return None
+
+
+def watched(events: Iterator[T], timeout: float, beat: Callable[[], None]) -> Iterator[T]:
+    """Yield `events`, failing with Stalled when none comes for `timeout` seconds (pings don't count)."""
+    inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+    def pump() -> None:
+        try:
+            for event in events:
+                inbox.put(("event", event))
+            inbox.put(("end", None))
+        except BaseException as exc:  # handed to the waiting thread
+            inbox.put(("error", exc))
+
+    threading.Thread(target=pump, name="load-events", daemon=True).start()
+    last = time.monotonic()
+    while True:
+        try:
+            kind, value = inbox.get(timeout=min(1.0, timeout))
+        except queue.Empty:
+            beat()
+            if time.monotonic() - last > timeout:
+                raise Stalled(f"The model server made no progress for {timeout:.0f} seconds.") from None
+            continue
+        if kind == "end":
+            return
+        if kind == "error":
+            raise value
+        last = time.monotonic()
+        yield value
+
+
+def run_operation(operation_id: int) -> None:
+    """The body of the Celery task: run a recorded switch or unload to its end."""
+    operation = Operation.objects.select_related("backend").get(pk=operation_id)
+    if operation.status != Operation.Status.RUNNING:
+        return
+    reporter = Reporter(operation)
+    try:
+        _drain(reporter)
+        with sync_client() as client:
+            _unload(client, reporter)
+            if operation.kind == Operation.Kind.SWITCH:
+                _load(client, reporter, operation.to_model, "loading", "Step 2: Loading {model}...")
+                _verify(client, operation.to_model)
+    except (Stalled, BackendError) as exc:
+        _fail(reporter, exc)
+    else:
+        _succeed(reporter)
+
+
+def _drain(reporter: Reporter) -> None:
+    """Let answers running on the old model finish, up to GANTRY_DRAIN_TIMEOUT."""
+    deadline = time.monotonic() + settings.GANTRY_DRAIN_TIMEOUT
+    while (count := running_answers()) and time.monotonic() < deadline:
+        reporter.report("draining", 0, f"Waiting for {count} answer{'s' if count != 1 else ''} to finish...")
+        time.sleep(0.25)
+
+
+def _unload(client: TabbyClient, reporter: Reporter) -> None:
+    reporter.report("unloading", 5, "Step 1: Unloading current model...")
+    try:
+        client.unload()
+    except NoModelLoaded:
+        pass  # nothing was loaded: the step is done
+    Backend.objects.filter(pk=reporter.operation.backend_id).update(active_model="")
+    text = "Step 1: Unloading current model..." if reporter.operation.kind == Operation.Kind.SWITCH else "✓ Model unloaded"
+    reporter.report("unloading", 40 if reporter.operation.kind == Operation.Kind.SWITCH else 100, text)
+
+
+def _load(client: TabbyClient, reporter: Reporter, model: str, step: str, template: str) -> None:
+    text = template.format(model=model)
+    reporter.load_started = time.monotonic()
+    reporter.report(step, 40, text)
+    for event in watched(client.load(model), settings.GANTRY_SWITCH_TIMEOUT, reporter.beat):
+        if event["model_type"] == "model":
+            reporter.report(step, 40 + 60 * event["module"] / max(event["modules"], 1), text, event["module"], event["modules"])
+    reporter.operation.load_seconds = round(time.monotonic() - reporter.load_started, 3)
+
+
+def _verify(client: TabbyClient, model: str) -> None:
+    card = client.current_model()
+    if card is None or card.get("id") != model:
+        loaded = card.get("id") if card else "nothing"
+        raise BackendError(f"After the load, TabbyAPI reports {loaded} loaded instead of {model}.")
+
+
+def _succeed(reporter: Reporter) -> None:
+    op = reporter.operation
+    switched = op.kind == Operation.Kind.SWITCH
+    _finish(op, Operation.Status.SUCCEEDED, active=op.to_model if switched else "")
+    reporter.report("done", 100, "✓ Model switched successfully!" if switched else "✓ Model unloaded")
+    if switched:
+        model_ready.send(sender=Backend, backend_id=op.backend_id, model=op.to_model)
+
+
+def _fail(reporter: Reporter, exc: Exception) -> None:
+    op = reporter.operation
+    op.error = getattr(exc, "message", None) or str(exc)
+    op.error_kind = "stalled" if isinstance(exc, Stalled) else "unreachable" if isinstance(exc, BackendUnavailable) else "failed"
+    op.save(update_fields=["error", "error_kind"])
+    log.warning("%s failed: %s", op, op.error)
+    reporter.report("failed", op.percent, f"✗ {op.error}")
+    restored = _roll_back(reporter)
+    _finish(op, Operation.Status.FAILED, active=restored)
+    if restored:
+        model_ready.send(sender=Backend, backend_id=op.backend_id, model=restored)
+
+
+def _roll_back(reporter: Reporter) -> str:
+    """Load the previous model again; return its name, or "" when that was not possible."""
+    op = reporter.operation
+    previous = op.from_model
+    if not (settings.GANTRY_ROLLBACK_ON_FAILURE and previous and op.kind == Operation.Kind.SWITCH and previous != op.to_model):
+        return ""
+    try:
+        with sync_client() as client:
+            _load(client, reporter, previous, "rolling_back", "Loading the previous model, {model}, again...")
+            _verify(client, previous)
+    except (Stalled, BackendError) as exc:
+        log.warning("Rolling back to %s failed: %s", previous, exc)
+        return ""
+    op.rolled_back = True
+    op.save(update_fields=["rolled_back"])
+    return previous
+
+
+def _finish(op: Operation, status: str, active: str) -> None:
+    with transaction.atomic():
+        backend = Backend.objects.select_for_update().get(pk=op.backend_id)
+        op.status, op.finished = status, timezone.now()
+        op.save(update_fields=["status", "finished", "load_seconds", "heartbeat"])
+        backend.active_model = active
+        backend.target_model = ""
+        backend.operation = None
+        if active:
+            backend.state = Backend.State.READY
+        else:
+            backend.state = Backend.State.UNLOADED if status == Operation.Status.SUCCEEDED or op.error_kind != "unreachable" else Backend.State.FAILED
+        backend.save(update_fields=["state", "active_model", "target_model", "operation", "updated"])
+    announce_state(backend)
+
+
+# Recovery
+
+
+def reconcile_stale_operations() -> int:
+    """Fail operations whose worker died, and take the state from TabbyAPI. Returns how many."""
+    stale = list(Operation.objects.stale(settings.GANTRY_OPERATION_STALE_AFTER))
+    for op in stale:
+        with transaction.atomic():
+            claimed = Operation.objects.filter(pk=op.pk, status=Operation.Status.RUNNING).update(
+                status=Operation.Status.FAILED, finished=timezone.now(), error_kind="interrupted",
+                error="The operation was interrupted: the process running it stopped.",
+            )
+            if claimed:
+                Backend.objects.filter(pk=op.backend_id, operation=op).update(
+                    state=Backend.State.FAILED, operation=None, target_model=""
+                )
+    if stale:
+        sync_models()
+    return len(stale)

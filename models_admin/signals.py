@@ -1,0 +1,20 @@
+"""How the Models app talks to the apps that depend on it, without importing them.
+
+- `count_running_answers`: receivers return how many answers are being generated right now; a switch
+  waits (bounded) until the sum is zero before it unloads the model.
+- `model_ready`: sent (with `backend_id` and `model`) when a model is loaded and verified, so held
+  messages can be released.
+- `model_unavailable`: sent (with `backend_id`) when the model stops serving (switch, unload, failure).
+"""
+
+from __future__ import annotations
+
+from django.dispatch import Signal
+
+count_running_answers = Signal()
+model_ready = Signal()
+model_unavailable = Signal()
+
+
+def running_answers() -> int:
+    return sum(int(count or 0) for _, count in count_running_answers.send(sender=None))
