@@ -51,9 +51,13 @@ class Stalled(Exception):
 
 def request_switch(model_name: str, user: Any = None, source: str = Operation.Source.API) -> Operation | None:
     """Start a switch (or join the running switch to the same model); None when it is already active."""
-    if not LanguageModel.objects.filter(backend=default_backend(), name=model_name, present=True).exists():
-        sync_models()  # a folder added since the last refresh
-        if not LanguageModel.objects.filter(backend=default_backend(), name=model_name, present=True).exists():
+    backend = default_backend()
+    known = LanguageModel.objects.filter(backend=backend, name=model_name, present=True).exists()
+    if not known or (backend.is_ready and backend.active_model == model_name):
+        # A folder added since the last refresh, or a "nothing to do" that TabbyAPI must confirm
+        # (someone may have loaded another model on it directly).
+        sync_models()
+        if not LanguageModel.objects.filter(backend=backend, name=model_name, present=True).exists():
             raise UnknownModel(model_name)
     with transaction.atomic():
         backend = Backend.objects.select_for_update().get(pk=default_backend().pk)
