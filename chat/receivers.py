@@ -7,9 +7,22 @@ from typing import Any
 from django.dispatch import receiver
 
 from chat.models import Message
-from models_admin.signals import count_running_answers
+from chat.queue import requeue_orphans, schedule_positions, wake
+from models_admin.signals import count_running_answers, model_ready, model_unavailable
 
 
 @receiver(count_running_answers)
 def running_answers(sender: Any, **kwargs: Any) -> int:
     return Message.objects.answering().count()
+
+
+@receiver(model_ready)
+def release_held_messages(sender: Any, **kwargs: Any) -> None:
+    """A model is ready: answers cut off by dead processes go back to the queue, and the queue moves."""
+    requeue_orphans()
+    wake()
+
+
+@receiver(model_unavailable)
+def announce_queue(sender: Any, **kwargs: Any) -> None:
+    schedule_positions()

@@ -36,17 +36,20 @@ def start_background_work() -> None:
     """Embedded (no Celery broker), the periodic work runs in the web process; beat does it otherwise."""
     from django.conf import settings
 
+    from chat.queue import wake
     from models_admin.tasks import refresh_models
 
     if not settings.CELERY_BROKER_URL:
         every(settings.GANTRY_REFRESH_INTERVAL, refresh_models)
+    wake()  # messages held before this process started
 
 
 async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
     global _started
+    # Background work of this process (answers, releases) runs on the loop that serves its sockets: the
+    # current one, since a process may serve from a new loop later (a restarted server, an in-process test).
+    bind_serving_loop(asyncio.get_running_loop())
     if not _started:
         _started = True
-        # Background work of this process (answers, releases) runs on the loop that serves its sockets.
-        bind_serving_loop(asyncio.get_running_loop())
         start_background_work()
     await router(scope, receive, send)

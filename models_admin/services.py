@@ -7,10 +7,12 @@ from typing import Any
 
 import yaml
 from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
 from gantry.broadcast import CHAT_GROUP, MODELS_GROUP, ModelListEvent, ModelStateEvent, broadcast
 from models_admin.models import Backend, LanguageModel, Operation
+from models_admin.signals import model_ready
 from models_admin.tabby_client import AsyncTabbyClient, BackendError, TabbyClient, TabbyConfig
 
 
@@ -44,25 +46,37 @@ def default_backend() -> Backend:
     return backend
 
 
-def sync_models() -> Backend:
-    """Take the model list and the loaded model from TabbyAPI (the truth is TabbyAPI's, not ours)."""
+def sync_models(strict: bool = False) -> Backend:
+    """Take the model list and the loaded model from TabbyAPI (the truth is TabbyAPI's, not ours).
+
+    When TabbyAPI cannot be asked, what Gantry knew stays; `strict` raises the BackendError instead.
+    """
     backend = default_backend()
+    seen = backend.updated
     try:
         with sync_client() as client:
             names = [card["id"] for card in client.list_models()]
             card = client.current_model()
     except BackendError:
+        if strict:
+            raise
         return backend
     changed = _record_models(backend, names)
-    backend.refresh_from_db()
-    if not backend.is_busy:  # a running operation owns the state until it ends
+    with transaction.atomic():
+        backend = Backend.objects.select_for_update().get(pk=backend.pk)
         before = backend.as_event()
-        backend.active_model = card["id"] if card else ""
-        backend.state = Backend.State.READY if card else Backend.State.UNLOADED
-        backend.refreshed_at = timezone.now()
-        backend.save(update_fields=["active_model", "state", "refreshed_at", "updated"])
-        if backend.as_event() != before:
-            announce_state(backend)
+        # A running operation owns the state until it ends; one that began or ended while TabbyAPI was
+        # being asked has made that answer stale (the next refresh takes a fresh one).
+        if not backend.is_busy and backend.updated == seen:
+            backend.active_model = card["id"] if card else ""
+            backend.state = Backend.State.READY if card else Backend.State.UNLOADED
+            backend.refreshed_at = timezone.now()
+            backend.save(update_fields=["active_model", "state", "refreshed_at", "updated"])
+    if backend.as_event() != before:
+        announce_state(backend)
+    if backend.is_ready:
+        # Held messages (and answers orphaned by a dead process) wait for exactly this.
+        model_ready.send(sender=Backend, backend_id=backend.pk, model=backend.active_model)
     if changed:
         broadcast(MODELS_GROUP, ModelListEvent(type="model.list", models=model_rows(backend)))
     return backend

@@ -70,7 +70,10 @@
 
   function statusLine(message) {
     if (message.role === "user") {
-      if (message.status === "queued") return message.position ? "Queued (#" + message.position + ")" : "Queued";
+      if (message.status === "queued") {
+        const mark = message.position ? "Queued (#" + message.position + ")" : "Queued";
+        return message.error ? mark + " · " + message.error : mark;
+      }
       if (message.status === "cancelled") return "Stopped";
       return "";
     }
@@ -84,7 +87,10 @@
       el = document.createElement("article");
       el.id = "message-" + message.id;
       el.innerHTML = '<div class="body"></div><div class="status"></div><div class="error" hidden></div><div class="actions"></div>';
-      list.appendChild(el);
+      // An answer goes right under its question, even when later questions were sent meanwhile.
+      const question = message.reply_to ? document.getElementById("message-" + message.reply_to) : null;
+      if (question) question.after(el);
+      else list.appendChild(el);
     }
     return el;
   }
@@ -167,23 +173,31 @@
   }
 
   let modelState = JSON.parse(document.getElementById("model-state").textContent);
+  // The banner: "Model loading... (Loading X, 63%)" during a switch, "Model not available" when
+  // nothing is loaded; messages sent meanwhile are held and answered when the model is ready.
+  let loadingPercent = null;
   function drawModel(state) {
+    if (state.state !== "switching") loadingPercent = null;
     modelState = state;
     modelName.textContent = state.active_model || "No model loaded";
-    if (state.state === "switching" || state.state === "unloading") {
-      banner.textContent = "Model loading..." + (state.target_model ? " (Loading " + state.target_model + ")" : "");
+    if (state.state === "switching") {
+      const detail = state.target_model
+        ? " (Loading " + state.target_model + (loadingPercent === null ? "" : ", " + loadingPercent + "%") + ")" : "";
+      banner.textContent = "Model loading..." + detail;
+      banner.className = "banner loading";
       banner.hidden = false;
-    } else if (!state.active_model) {
+    } else if (state.state !== "ready" || !state.active_model) {
       banner.textContent = "Model not available";
+      banner.className = "banner unavailable";
       banner.hidden = false;
     } else {
       banner.hidden = true;
     }
   }
   function drawProgress(progress) {
-    if (progress.model && (modelState.state === "switching")) {
-      banner.textContent = "Model loading... (Loading " + progress.model + ", " + Math.round(progress.percent) + "%)";
-      banner.hidden = false;
+    if (modelState.state === "switching" && progress.step !== "failed") {
+      loadingPercent = Math.round(progress.percent);
+      drawModel(modelState);
     }
   }
 

@@ -1,0 +1,134 @@
+"""Held messages: the gate, the queue's order and positions, and the release of answers.
+
+Every user message is saved `queued`; `release()` then starts answers oldest first while the model is
+ready and fewer than GANTRY_MAX_CONCURRENT_GENERATIONS answers run (counted in the database, so across
+processes). A message is claimed with one atomic UPDATE (queued -> generating): with several web and
+worker processes releasing at once, each message is answered exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db.models import Q
+from django.utils import timezone
+
+from chat.models import ANSWER_HEARTBEAT_SECONDS, Message
+from gantry.background import spawn
+from gantry.broadcast import MessageEvent, QueuedEvent, broadcast, conversation_group
+from models_admin.services import default_backend
+
+log = logging.getLogger(__name__)
+
+_release_lock: asyncio.Lock | None = None
+_positions_pending = False
+POSITIONS_DEBOUNCE = 0.3  # seconds: one round of position updates for a burst of queue changes
+
+
+def waiting() -> Any:
+    return Message.objects.filter(role=Message.Role.USER, status=Message.Status.QUEUED)
+
+
+def check_capacity() -> None:
+    limit = settings.GANTRY_MAX_QUEUED
+    if waiting().count() >= limit:
+        raise ValidationError(
+            f"{limit:,} messages are already waiting for the model. Try again in a moment; your text is still here."
+        )
+
+
+def position(message: Message) -> int:
+    """1 for the next message to be answered."""
+    ahead = waiting().filter(Q(created__lt=message.created) | Q(created=message.created, pk__lt=message.pk))
+    return int(ahead.count()) + 1
+
+
+def wake() -> None:
+    """Release what can be released now (from any thread)."""
+    spawn(release())
+
+
+async def release() -> None:
+    """Start answers for queued messages, oldest first, while the gate is open and slots are free."""
+    global _release_lock
+    if _release_lock is None:
+        _release_lock = asyncio.Lock()
+    from chat.services import generate  # generation uses this module's wake(); import late
+
+    async with _release_lock:
+        while True:
+            claimed = await _claim_next()
+            if claimed is None:
+                break
+            asyncio.get_running_loop().create_task(generate(*claimed))
+    schedule_positions()
+
+
+@sync_to_async
+def _claim_next() -> tuple[Message, Message, list[dict[str, str]]] | None:
+    from chat.services import claim
+
+    if not default_backend().is_ready:
+        return None
+    free = settings.GANTRY_MAX_CONCURRENT_GENERATIONS - Message.objects.answering().count()
+    if free <= 0:
+        return None
+    busy = set(Message.objects.filter(role=Message.Role.USER, status=Message.Status.GENERATING).values_list("conversation_id", flat=True))
+    for message_id, conversation_id in waiting().order_by("created", "id").values_list("id", "conversation_id")[: free + 50]:
+        # One answer at a time per conversation: a later question needs the earlier answer as context.
+        if conversation_id in busy:
+            continue
+        claimed = claim(message_id)
+        if claimed is not None:
+            return claimed
+        busy.add(conversation_id)
+    return None
+
+
+def schedule_positions() -> None:
+    """Tell every queued message its place, once for a burst of changes."""
+    global _positions_pending
+    if _positions_pending:
+        return
+    _positions_pending = True
+
+    async def later() -> None:
+        global _positions_pending
+        await asyncio.sleep(POSITIONS_DEBOUNCE)
+        _positions_pending = False
+        await sync_to_async(announce_positions)()
+
+    spawn(later())
+
+
+def announce_positions() -> None:
+    queued = waiting().order_by("created", "id").values_list("id", "conversation_id")
+    for place, (message_id, conversation_id) in enumerate(queued, start=1):
+        broadcast(conversation_group(conversation_id), QueuedEvent(type="chat.queued", message_id=message_id, position=place))
+
+
+def requeue(message_id: int, note: str) -> None:
+    """Put a message whose answer was cut off back in the queue (it keeps its place: its arrival time)."""
+    if Message.objects.filter(pk=message_id, status=Message.Status.GENERATING).update(
+        status=Message.Status.QUEUED, error=note, updated=timezone.now()
+    ):
+        message = Message.objects.get(pk=message_id)
+        broadcast(conversation_group(message.conversation_id), MessageEvent(type="chat.message", message=message.as_event()))
+
+
+def requeue_orphans() -> int:
+    """Answers whose process died (no heartbeat) go back to the queue; nothing stays "generating"."""
+    stale = timezone.now() - timezone.timedelta(seconds=ANSWER_HEARTBEAT_SECONDS)
+    orphans = list(
+        Message.objects.filter(role=Message.Role.USER, status=Message.Status.GENERATING, updated__lt=stale).values_list("id", flat=True)
+    )
+    for message_id in orphans:
+        requeue(message_id, "Interrupted: the server answering it stopped. It will be answered again.")
+    if orphans:
+        log.warning("Queued %d interrupted answer(s) again", len(orphans))
+    return len(orphans)
