@@ -12,12 +12,11 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Q
 from django.utils import timezone
 
 from chat.models import Conversation, Message
 from chat.queue import check_capacity, position, requeue, wake
-from gantry.background import dispatch
+from gantry.background import dispatch, in_thread
 from gantry.broadcast import (
     ConversationEvent,
     DoneEvent,
@@ -96,10 +95,13 @@ def post_message(conversation: Conversation, content: str) -> Message:
         conversation.save(update_fields=["title", "updated"])
         transaction.on_commit(wake)
     _send_message(message)
-    if not default_backend().is_ready:
+    backend = default_backend()
+    if not backend.is_ready:
         # Held: tell the author where the message stands (the release updates it as the queue moves).
         event = QueuedEvent(type="chat.queued", message_id=message.pk, position=position(message))
         broadcast(conversation_group(message.conversation_id), event)
+        if not backend.is_busy:
+            in_thread(refresh_models.run)  # a model may have been loaded on TabbyAPI directly
     broadcast(
         user_group(conversation.owner_id),
         ConversationEvent(type="chat.conversation", conversation=conversation.as_event(), deleted=False),

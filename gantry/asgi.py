@@ -17,7 +17,7 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 
 import chat.routing  # noqa: E402
 import models_admin.routing  # noqa: E402
-from gantry.background import bind_serving_loop, every  # noqa: E402
+from gantry.background import bind_serving_loop, every, in_thread  # noqa: E402
 
 router = ProtocolTypeRouter(
     {
@@ -39,7 +39,9 @@ def start_background_work() -> None:
     from chat.queue import wake
     from models_admin.tasks import refresh_models
 
-    if not settings.CELERY_BROKER_URL:
+    if settings.CELERY_BROKER_URL:
+        in_thread(refresh_models.run)  # beat refreshes from now on; learn the state at once
+    else:
         every(settings.GANTRY_REFRESH_INTERVAL, refresh_models)
     wake()  # messages held before this process started
 

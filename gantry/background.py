@@ -34,6 +34,12 @@ def bind_serving_loop(loop: asyncio.AbstractEventLoop) -> None:
     _serving_loop = loop
 
 
+def serving_loop() -> asyncio.AbstractEventLoop | None:
+    """The loop serving this process's sockets, when there is one and it runs."""
+    loop = _serving_loop
+    return loop if loop is not None and loop.is_running() else None
+
+
 def _loop() -> asyncio.AbstractEventLoop:
     global _private_loop
     if _serving_loop is not None and not _serving_loop.is_closed():
@@ -66,6 +72,11 @@ def _run_in_thread(func: Any, args: tuple[Any, ...]) -> None:
         log.exception("Background task %s failed", getattr(func, "__name__", func))
     finally:
         close_old_connections()
+
+
+def in_thread(func: Any, *args: Any) -> None:
+    """Run `func(*args)` on a worker thread of this process now (short work that must not wait for a broker)."""
+    _threads.submit(_run_in_thread, func, args)
 
 
 def dispatch(task: Any, *args: Any) -> None:

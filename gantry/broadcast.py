@@ -7,10 +7,13 @@ The browser switches on `type`; Channels turns the dotted type into a consumer m
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Literal, TypedDict
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+
+from gantry.background import serving_loop
 
 
 class MessageEvent(TypedDict):
@@ -122,4 +125,16 @@ async def abroadcast(group: str, event: Event) -> None:
 
 
 def broadcast(group: str, event: Event) -> None:
+    """Send from synchronous code (a view's thread, a background task, a Celery worker)."""
+    loop = serving_loop()
+    if loop is not None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is None:
+            # Hop onto the loop that owns the sockets: the in-memory layer's queues belong to it, and a
+            # send from another loop would not wake the consumers waiting on them.
+            asyncio.run_coroutine_threadsafe(abroadcast(group, event), loop).result(timeout=30)
+            return
     async_to_sync(abroadcast)(group, event)

@@ -1,0 +1,100 @@
+"""Release latency: from "model ready" to the first token of a message held during the switch,
+against the model server's own time to first token for the same question, measured in one run
+(median added time, target <= 50 ms)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import websockets
+
+from bench.common import median, report
+from tests.site import ADMIN, MEMBER, Site, run_site
+from tests.tabby.server import ADMIN_KEY, API_KEY, DEMO_MODELS, TabbyServer, run_tabby, wait_loaded
+
+MODELS = ("Small-Chat-200M", "Tiny-Chat-5M")
+ROUNDS = 6
+QUESTION = "Say something about modules."
+
+
+async def direct_ttft(tabby: TabbyServer, client: httpx.AsyncClient, target: str) -> float:
+    """Load `target` on the model server directly, then time its first answer's first token."""
+    headers = {"x-admin-key": ADMIN_KEY}
+    await client.post(tabby.url + "/v1/model/unload", headers=headers)
+    async with client.stream("POST", tabby.url + "/v1/model/load", json={"model_name": target}, headers=headers) as response:
+        async for _ in response.aiter_lines():
+            pass
+    body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 8, "stream": True}
+    started = time.perf_counter()
+    async with client.stream("POST", tabby.url + "/v1/chat/completions", json=body, headers={"x-api-key": API_KEY}) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                return time.perf_counter() - started
+    raise AssertionError("no token")
+
+
+async def held_release(site: Site, member: httpx.AsyncClient, admin: httpx.AsyncClient, cookie: str, target: str) -> float:
+    """Switch to `target`, send a message while it loads; return first token time minus the ready event."""
+    conversation = (await member.post(site.url + "/api/conversations/", json={})).json()
+    url = site.url.replace("http://", "ws://") + f"/ws/chat/{conversation['id']}/"
+    async with websockets.connect(url, additional_headers={"Cookie": cookie, "Origin": site.url}) as socket:
+        await socket.recv()
+        switch = asyncio.create_task(admin.post(site.url + "/api/admin/models/switch", json={"model_id": target}))
+        while json.loads(await socket.recv()).get("state") != "switching":
+            pass
+        posted = await member.post(site.url + f"/api/conversations/{conversation['id']}/messages/", json={"content": QUESTION})
+        assert posted.json()["status"] == "queued"
+        ready_at = 0.0
+        while True:
+            event = json.loads(await socket.recv())
+            if event["type"] == "model.state" and event["state"] == "ready":
+                ready_at = time.perf_counter()
+            elif event["type"] == "chat.token":
+                first = time.perf_counter()
+                break
+        assert (await switch).status_code == 200
+        assert ready_at, "the ready event came after the first token"
+        while json.loads(await socket.recv())["type"] != "chat.done":
+            pass
+    return first - ready_at
+
+
+async def measure(tabby: TabbyServer, site: Site) -> None:
+    async with httpx.AsyncClient(timeout=120) as member, httpx.AsyncClient(timeout=120) as admin:
+        await member.post(site.url + "/api/auth/login", json={"username": MEMBER[0], "password": MEMBER[1]})
+        await admin.post(site.url + "/api/auth/login", json={"username": ADMIN[0], "password": ADMIN[1]})
+        await admin.post(site.url + "/api/admin/models/refresh")
+        cookie = f"session_id={member.cookies['session_id']}"
+        released, direct = [], []
+        for i in range(ROUNDS + 1):
+            # Both sides time the first answer of a freshly loaded model (its first forward pass included).
+            gap = await held_release(site, member, admin, cookie, MODELS[1])
+            baseline = await direct_ttft(tabby, member, MODELS[1])
+            await admin.post(site.url + "/api/admin/models/refresh")  # Gantry learns of the direct load
+            if i:  # the first round warms up both paths
+                released.append(gap)
+                direct.append(baseline)
+            await admin.post(site.url + "/api/admin/models/switch", json={"model_id": MODELS[0]})
+    r, d = median(released) * 1000, median(direct) * 1000
+    print(f"Release of a message held during a switch to {MODELS[1]}, median of {ROUNDS} switches:")
+    report("model ready -> first token of the held message", r, "ms", d)
+    report("release latency added over the model server's TTFT", r - d, "ms", None, "<= 50 ms")
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as workdir:
+        # A slow disk keeps each switch open long enough to hold the message.
+        config = {"model": {"model_name": MODELS[0], "load_throttle_mbps": 200}}
+        with run_tabby(Path(workdir) / "tabby", DEMO_MODELS, config=config) as tabby:
+            wait_loaded(tabby, MODELS[0])
+            with run_site(Path(workdir) / "site", tabby.url, extra_env={"GANTRY_MAX_ANSWER_TOKENS": "8"}) as site:
+                asyncio.run(measure(tabby, site))
+
+
+if __name__ == "__main__":
+    main()
