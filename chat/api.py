@@ -45,7 +45,7 @@ class ChatAPIView(APIView):
         return get_object_or_404(Conversation.objects.owned_by(request.user), pk=conversation_id)
 
     def own_message(self, request: Request, message_id: int) -> Message:
-        return get_object_or_404(Message.objects.filter(conversation__owner=request.user), pk=message_id)
+        return get_object_or_404(Message.objects.filter(conversation__owner_id=request.user.pk), pk=message_id)
 
 
 def refused(exc: ValidationError) -> Response:
@@ -71,7 +71,8 @@ class ConversationDetail(ChatAPIView):
     def patch(self, request: Request, conversation_id: int) -> Response:
         conversation = self.conversation(request, conversation_id)
         try:
-            services.rename_conversation(conversation, str(request.data.get("title", "")))
+            title = request.data.get("title", "") if isinstance(request.data, dict) else ""
+            services.rename_conversation(conversation, str(title))
         except ValidationError as exc:
             return refused(exc)
         return Response(ConversationSerializer(conversation).data)

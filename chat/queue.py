@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -123,7 +124,7 @@ def requeue(message_id: int, note: str) -> None:
 
 def requeue_orphans() -> int:
     """Answers whose process died (no heartbeat) go back to the queue; nothing stays "generating"."""
-    stale = timezone.now() - timezone.timedelta(seconds=ANSWER_HEARTBEAT_SECONDS)
+    stale = timezone.now() - timedelta(seconds=ANSWER_HEARTBEAT_SECONDS)
     orphans = list(
         Message.objects.filter(role=Message.Role.USER, status=Message.Status.GENERATING, updated__lt=stale).values_list("id", flat=True)
     )

@@ -187,7 +187,8 @@ def _save_partial(reply: Message, content: str) -> bool:
     now = timezone.now()
     Message.objects.filter(pk=reply.pk).update(content=content, updated=now)
     # Touching the question is this answer's heartbeat (see Message.objects.answering()).
-    return bool(Message.objects.filter(pk=reply.reply_to_id, status=Message.Status.GENERATING).update(updated=now))
+    question = Message.objects.filter(pk=reply.reply_to_id or 0, status=Message.Status.GENERATING)
+    return bool(question.update(updated=now))
 
 
 @sync_to_async

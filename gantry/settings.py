@@ -84,7 +84,7 @@ else:
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
-            "NAME": VAR_DIR / "gantry.sqlite3",
+            "NAME": str(VAR_DIR / "gantry.sqlite3"),
             # Several threads write (web requests, background work): wait for the lock, don't fail.
             "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"},
         }

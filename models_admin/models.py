@@ -18,8 +18,6 @@ class Backend(models.Model):
         UNLOADED = "unloaded"
         FAILED = "failed"
 
-    BUSY = (State.SWITCHING, State.UNLOADING)
-
     name = models.CharField(max_length=100, unique=True, default="default")
     base_url = models.CharField(max_length=500)
     state = models.CharField(max_length=16, choices=State.choices, default=State.UNLOADED)
@@ -38,7 +36,7 @@ class Backend(models.Model):
 
     @property
     def is_busy(self) -> bool:
-        return self.state in self.BUSY
+        return self.state in (self.State.SWITCHING, self.State.UNLOADING)
 
     def as_event(self) -> dict[str, Any]:
         return {
@@ -51,7 +49,7 @@ class Backend(models.Model):
 class LanguageModel(models.Model):
     """A model folder seen on a backend."""
 
-    backend = models.ForeignKey(Backend, on_delete=models.CASCADE, related_name="models")
+    backend = models.ForeignKey(Backend, on_delete=models.CASCADE, related_name="language_models")
     name = models.CharField(max_length=200)
     present = models.BooleanField(default=True)
     first_seen = models.DateTimeField(auto_now_add=True)

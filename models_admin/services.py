@@ -116,7 +116,13 @@ def model_rows(backend: Backend) -> list[dict[str, Any]]:
 
 
 def announce_state(backend: Backend) -> None:
-    event = ModelStateEvent(type="model.state", operation_id=backend.operation_id, **backend.as_event())
+    event = ModelStateEvent(
+        type="model.state",
+        state=backend.state,
+        active_model=backend.active_model or None,
+        target_model=backend.target_model or None,
+        operation_id=backend.operation_id,
+    )
     broadcast(CHAT_GROUP, event)
     broadcast(MODELS_GROUP, event)
 

@@ -67,7 +67,7 @@ class Migration(migrations.Migration):
                 ('present', models.BooleanField(default=True)),
                 ('first_seen', models.DateTimeField(auto_now_add=True)),
                 ('last_seen', models.DateTimeField(auto_now=True)),
-                ('backend', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='models', to='models_admin.backend')),
+                ('backend', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='language_models', to='models_admin.backend')),
             ],
             options={
                 'ordering': ['name'],
