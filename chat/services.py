@@ -15,7 +15,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from chat.models import Conversation, Message
-from chat.queue import check_capacity, position, requeue, wake
+from chat.queue import check_capacity, position, requeue, schedule_positions, wake
 from gantry.background import dispatch, in_thread
 from gantry.broadcast import (
     ConversationEvent,
@@ -120,6 +120,7 @@ def stop_message(message: Message) -> Message:
     if claimed:
         _cancel_local(question.pk)
         _send_message(question)
+        schedule_positions()  # the messages queued behind it move up
     message.refresh_from_db()
     return message
 
@@ -298,9 +299,11 @@ async def _stream(history: list[dict[str, str]], reply: Message, pieces: list[st
         # aclosing: leaving early (Stop, cancellation) closes the response, which ends the generation upstream.
         async for delta in stream:
             model = delta.model or model
-            if delta.text:
-                pieces.append(delta.text)
-                await abroadcast(group, TokenEvent(type="chat.token", message_id=reply.pk, text=delta.text))
+            # A byte-level vocabulary has a NUL token, and PostgreSQL text cannot hold NUL: the save would fail.
+            text = delta.text.replace("\x00", "")
+            if text:
+                pieces.append(text)
+                await abroadcast(group, TokenEvent(type="chat.token", message_id=reply.pk, text=text))
             if time.monotonic() - last_save >= SAVE_EVERY:
                 last_save = time.monotonic()
                 if not await _save_partial(reply, "".join(pieces)):

@@ -56,9 +56,13 @@ def request_switch(model_name: str, user: Any = None, source: str = Operation.So
     if not known or (backend.is_ready and backend.active_model == model_name):
         # A folder added since the last refresh, or a "nothing to do" that TabbyAPI must confirm
         # (someone may have loaded another model on it directly).
-        sync_models()
-        if not LanguageModel.objects.filter(backend=backend, name=model_name, present=True).exists():
-            raise UnknownModel(model_name)
+        try:
+            sync_models(strict=True)
+        except BackendError:
+            pass  # TabbyAPI cannot say: the run tries, fails and records why (502), rather than a wrong 404
+        else:
+            if not LanguageModel.objects.filter(backend=backend, name=model_name, present=True).exists():
+                raise UnknownModel(model_name)
     with transaction.atomic():
         backend = Backend.objects.select_for_update().get(pk=default_backend().pk)
         running = _running(backend)
