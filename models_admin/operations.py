@@ -14,11 +14,12 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from gantry.background import dispatch
@@ -53,16 +54,13 @@ def request_switch(model_name: str, user: Any = None, source: str = Operation.So
     """Start a switch (or join the running switch to the same model); None when it is already active."""
     backend = default_backend()
     known = LanguageModel.objects.filter(backend=backend, name=model_name, present=True).exists()
+    confirmed = False
     if not known or (backend.is_ready and backend.active_model == model_name):
         # A folder added since the last refresh, or a "nothing to do" that TabbyAPI must confirm
         # (someone may have loaded another model on it directly).
-        try:
-            sync_models(strict=True)
-        except BackendError:
-            pass  # TabbyAPI cannot say: the run tries, fails and records why (502), rather than a wrong 404
-        else:
-            if not LanguageModel.objects.filter(backend=backend, name=model_name, present=True).exists():
-                raise UnknownModel(model_name)
+        confirmed = _confirm_with_tabby()
+        if confirmed and not LanguageModel.objects.filter(backend=backend, name=model_name, present=True).exists():
+            raise UnknownModel(model_name)
     with transaction.atomic():
         backend = Backend.objects.select_for_update().get(pk=default_backend().pk)
         running = _running(backend)
@@ -70,13 +68,15 @@ def request_switch(model_name: str, user: Any = None, source: str = Operation.So
             if running.kind == Operation.Kind.SWITCH and running.to_model == model_name:
                 return running
             raise OperationConflict(running)
-        if backend.state == Backend.State.READY and backend.active_model == model_name:
+        if confirmed and backend.is_ready and backend.active_model == model_name:
             return None
         return _begin(backend, Operation.Kind.SWITCH, model_name, user, source)
 
 
 def request_unload(user: Any = None, source: str = Operation.Source.API) -> Operation | None:
     """Start an unload (or join the running one); None when nothing is loaded."""
+    backend = default_backend()
+    confirmed = not backend.is_busy and _confirm_with_tabby()
     with transaction.atomic():
         backend = Backend.objects.select_for_update().get(pk=default_backend().pk)
         running = _running(backend)
@@ -84,9 +84,18 @@ def request_unload(user: Any = None, source: str = Operation.Source.API) -> Oper
             if running.kind == Operation.Kind.UNLOAD:
                 return running
             raise OperationConflict(running)
-        if backend.state == Backend.State.UNLOADED and not backend.active_model:
+        if confirmed and backend.state == Backend.State.UNLOADED and not backend.active_model:
             return None
         return _begin(backend, Operation.Kind.UNLOAD, "", user, source)
+
+
+def _confirm_with_tabby() -> bool:
+    """Refresh from TabbyAPI; False when it cannot be asked (the run then tries, fails and says why: 502)."""
+    try:
+        sync_models(strict=True)
+    except BackendError:
+        return False
+    return True
 
 
 def _running(backend: Backend) -> Operation | None:
@@ -200,6 +209,27 @@ def run_operation(operation_id: int) -> None:
         _succeed(reporter)
 
 
+@contextmanager
+def beating(reporter: Reporter) -> Iterator[None]:
+    """Keep the operation's heartbeat going while a blocking call runs (an unload may drain for long)."""
+    done = threading.Event()
+
+    def beat() -> None:
+        try:
+            while not done.wait(1.0):
+                reporter.beat()
+        finally:
+            connection.close()  # this thread's own database connection
+
+    thread = threading.Thread(target=beat, name="operation-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def _drain(reporter: Reporter) -> None:
     """Let answers running on the old model finish, up to GANTRY_DRAIN_TIMEOUT."""
     deadline = time.monotonic() + settings.GANTRY_DRAIN_TIMEOUT
@@ -211,7 +241,8 @@ def _drain(reporter: Reporter) -> None:
 def _unload(client: TabbyClient, reporter: Reporter) -> None:
     reporter.report("unloading", 5, "Step 1: Unloading current model...")
     try:
-        client.unload()
+        with beating(reporter):
+            client.unload()
     except NoModelLoaded:
         pass  # nothing was loaded: the step is done
     Backend.objects.filter(pk=reporter.operation.backend_id).update(active_model="")
