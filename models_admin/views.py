@@ -7,12 +7,14 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 
 from models_admin.models import Operation
-from models_admin.services import backend_event, default_backend, model_rows
+from models_admin.services import backend_event, default_backend, model_rows, sync_models
 
 
 @staff_member_required(login_url="/login/")
 def models_tab(request: HttpRequest) -> HttpResponse:
     backend = default_backend()
+    if backend.refreshed_at is None:  # a fresh database: take TabbyAPI's list now, not at the first periodic refresh
+        backend = sync_models()
     running = backend.operation
     context = {
         "tab": "models",

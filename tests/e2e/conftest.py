@@ -1,6 +1,6 @@
 """A real Chromium (Debian's, driven by Playwright) against the real site.
 
-One browser for the whole run, one fresh context (cookies, storage) per test. A failed test leaves a
+One browser for the browser tests, one fresh context (cookies, storage) per test. A failed test leaves a
 screenshot of its page in its pytest tmp dir; the report says where.
 """
 
@@ -32,7 +32,9 @@ CHROMIUM_FLAGS = [
 TIMEOUT_MS = 15_000
 
 
-@pytest.fixture(scope="session")
+# Package scope: Playwright's sync API keeps an event loop running on the main thread while it is
+# open, which would make every later async test fail with "cannot be called from a running event loop".
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Browser]:
     if not (CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)):
         pytest.fail(f"Chromium not found at {CHROMIUM}; `make test` installs Debian's chromium package.", pytrace=False)

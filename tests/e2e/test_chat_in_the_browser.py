@@ -147,7 +147,7 @@ def test_the_profile_menu_offers_the_admin_dashboard_to_the_admin(page: Page) ->
     expect(menu.locator(".profile-name")).to_contain_text("admin")
     expect(menu.get_by_role("menuitem", name="Log out")).to_be_visible()
     menu.get_by_role("menuitem", name="Admin Dashboard").click()
-    expect(page).to_have_url("/admin/")
+    expect(page).to_have_url("/admin/models/")
     expect(page.get_by_role("heading", name="Admin Dashboard")).to_be_visible()
 
 

@@ -1,0 +1,248 @@
+// The Admin Dashboard's Models tab: the model table, Switch/Unload with confirmation, live progress.
+// The page follows the admins' socket (ws/models/), so an operation started anywhere (this page,
+// another admin, the API, a command) shows the same way.
+(function () {
+  "use strict";
+
+  const page = document.getElementById("dashboard");
+  const rowsBody = document.getElementById("model-rows");
+  const rowTemplate = document.getElementById("model-row-template");
+  const noModels = document.getElementById("no-models");
+  const noModel = document.getElementById("no-model");
+  const unloadButton = document.getElementById("unload-button");
+  const refreshButton = document.getElementById("refresh-button");
+  const refreshed = document.getElementById("refreshed");
+  const live = document.getElementById("live");
+  const errorBox = document.getElementById("error");
+  const progress = document.getElementById("progress");
+  const progressText = document.getElementById("progress-text");
+  const progressPercent = document.getElementById("progress-percent");
+  const progressBar = document.getElementById("progress-bar");
+  const progressFill = document.getElementById("progress-fill");
+  const progressDetail = document.getElementById("progress-detail");
+  const dialog = document.getElementById("confirm-dialog");
+
+  let state = JSON.parse(document.getElementById("model-state").textContent);
+  let operation = null; // the running operation: {id, kind, target}
+  let failure = null; // the running operation's failure reason, once a `failed` step arrived
+  const ended = new Set(); // operations seen to end (their late `done` event is still drawn)
+
+  function csrfToken() {
+    const match = document.cookie.match(/(?:^|; )csrftoken=([^;]+)/);
+    return match ? decodeURIComponent(match[1]) : "";
+  }
+  async function api(method, url, body) {
+    const response = await fetch(url, {
+      method,
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-CSRFToken": csrfToken(), "X-Gantry-Source": "dashboard" },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    let data = null;
+    try { data = await response.json(); } catch (e) { data = null; }
+    if (!response.ok) {
+      const error = new Error((data && data.detail) || "The server could not do that (" + response.status + "). Try again.");
+      error.data = data || {};
+      throw error;
+    }
+    return data;
+  }
+
+  const busy = () => state.state === "switching" || state.state === "unloading";
+
+  // Rows
+
+  function drawRow(row) {
+    const name = row.dataset.model;
+    const active = state.state === "ready" && state.active_model === name;
+    row.classList.toggle("active", active);
+    row.querySelector(".check").textContent = active ? "✓" : "";
+    let status = active ? "Active" : "";
+    if (state.state === "switching" && state.target_model === name) status = "Loading...";
+    if (state.state === "unloading" && state.active_model === name) status = "Unloading...";
+    row.querySelector(".status-cell").textContent = status;
+    row.querySelector(".switch").hidden = active;
+  }
+
+  function drawRows(models) {
+    rowsBody.replaceChildren(...models.map((model) => {
+      const row = rowTemplate.content.firstElementChild.cloneNode(true);
+      row.dataset.model = model.id;
+      row.querySelector(".model-id").textContent = model.name;
+      return row;
+    }));
+    noModels.hidden = models.length > 0;
+    drawControls();
+  }
+
+  function drawControls() {
+    Array.from(rowsBody.rows).forEach(drawRow);
+    noModel.hidden = busy() || Boolean(state.active_model);
+    rowsBody.querySelectorAll(".switch").forEach((button) => { button.disabled = busy(); });
+    unloadButton.disabled = busy() || !state.active_model;
+    refreshButton.disabled = busy();
+  }
+
+  // Progress and errors
+
+  function showError(text) { errorBox.textContent = text; errorBox.hidden = !text; }
+
+  // `restored`: the model loaded again after the failure, null for none, undefined while not known yet.
+  function failureText(kind, target, reason, restored) {
+    let text = kind === "unload" ? "Failed to unload the model." : "Failed to switch model to " + target + ".";
+    if (reason) text += " Reason: " + reason.replace(/\.?\s*$/, ".");
+    if (restored) text += " The previous model, " + restored + ", was loaded again, so chat keeps working.";
+    else if (restored === null) text += " No model is loaded now: chat shows 'Model not available' until you switch to one.";
+    return text;
+  }
+
+  function timeLeft(seconds) {
+    if (seconds < 1) return "almost done";
+    return "about " + (seconds < 90 ? Math.round(seconds) + " s" : Math.round(seconds / 60) + " min") + " left";
+  }
+
+  function drawProgress(p) {
+    if (ended.has(p.operation_id) && p.step !== "done") return; // a late event of an operation already over
+    if (p.step === "failed") {
+      failure = p.text.replace(/^✗\s*/, "");
+      showError(failureText(operation ? operation.kind : "switch", p.model, failure, undefined));
+    }
+    const percent = Math.max(0, Math.min(100, Math.round(p.percent)));
+    progress.hidden = false;
+    progress.dataset.step = p.step;
+    progressText.textContent = p.text;
+    progressPercent.textContent = percent + "%";
+    progressFill.style.width = percent + "%";
+    progressBar.setAttribute("aria-valuenow", String(percent));
+    const details = [];
+    if (p.modules && p.step !== "done") details.push("module " + p.module + " of " + p.modules);
+    if (p.eta_seconds !== null && p.eta_seconds !== undefined && p.step !== "done") details.push(timeLeft(p.eta_seconds));
+    progressDetail.textContent = details.join(" · ");
+  }
+
+  function startOperation() {
+    operation = { id: state.operation_id, kind: state.state === "switching" ? "switch" : "unload", target: state.target_model };
+    failure = null;
+    showError("");
+    drawProgress({ operation_id: operation.id, step: "queued", percent: 0, text: "Waiting to start...", module: 0, modules: 0 });
+  }
+
+  // The `model.state` that ends an operation comes before its `done` progress event: draw the
+  // final line from the state already, so the late event changes nothing.
+  function endOperation() {
+    const op = operation;
+    operation = null;
+    ended.add(op.id);
+    if (failure !== null) {
+      progress.hidden = true;
+      showError(failureText(op.kind, op.target, failure, state.state === "ready" ? state.active_model : null));
+    } else if (op.kind === "switch" && state.state === "ready" && state.active_model === op.target) {
+      drawProgress({ operation_id: op.id, step: "done", percent: 100, text: "✓ Model switched successfully!" });
+    } else if (op.kind === "unload" && !state.active_model) {
+      drawProgress({ operation_id: op.id, step: "done", percent: 100, text: "✓ Model unloaded" });
+    } else {
+      progress.hidden = true;
+      if (state.state === "failed") showError("The last operation did not finish and no model is loaded. Switch to a model to bring chat back.");
+    }
+    failure = null;
+  }
+
+  function drawState(next) {
+    state = next;
+    if (busy() && (!operation || operation.id !== state.operation_id)) startOperation();
+    else if (!busy() && operation) endOperation();
+    drawControls();
+  }
+
+  // Actions
+
+  async function act(kind, target) {
+    const previous = state.active_model;
+    showError("");
+    try {
+      if (kind === "switch") await api("POST", "/api/admin/models/switch", { model_id: target });
+      else await api("POST", "/api/admin/models/unload");
+    } catch (error) {
+      const data = error.data || {};
+      showError(data.reason !== undefined
+        ? failureText(kind, target, data.reason, data.rolled_back ? previous : null)
+        : error.message);
+    }
+  }
+
+  let confirmed = null; // what the open dialog does on Confirm
+  function confirmThen(title, text, action) {
+    dialog.querySelector("#confirm-title").textContent = title;
+    dialog.querySelector("#confirm-text").textContent = text;
+    confirmed = action;
+    dialog.returnValue = "";
+    dialog.showModal();
+  }
+  dialog.addEventListener("close", () => {
+    const action = confirmed;
+    confirmed = null;
+    if (dialog.returnValue === "confirm" && action) action();
+  });
+
+  rowsBody.addEventListener("click", (event) => {
+    const button = event.target.closest("button.switch");
+    if (!button) return;
+    const model = button.closest("tr").dataset.model;
+    confirmThen("Switch model", "Switch to " + model + "? Chats hold new messages until it is loaded.", () => act("switch", model));
+  });
+
+  unloadButton.addEventListener("click", () => {
+    const model = state.active_model;
+    confirmThen("Unload model", "Unload " + model + "? Chats show 'Model not available' until you switch to a model.",
+      () => act("unload", model));
+  });
+
+  refreshButton.addEventListener("click", async () => {
+    refreshButton.disabled = true;
+    showError("");
+    try {
+      drawRows((await api("POST", "/api/admin/models/refresh")).models);
+      refreshed.textContent = "List refreshed at " + new Date().toLocaleTimeString();
+    } catch (error) {
+      showError(error.message);
+    } finally {
+      drawControls();
+    }
+  });
+
+  // Live updates
+
+  function onEvent(event) {
+    switch (event.type) {
+      case "model.state": drawState(event); break;
+      case "model.progress": drawProgress(event); break;
+      case "model.list": drawRows(event.models); break;
+    }
+  }
+
+  function setLive(on) {
+    page.dataset.live = String(on);
+    live.textContent = on ? "Live" : "Reconnecting...";
+    live.classList.toggle("on", on);
+  }
+
+  function connect(again) {
+    const scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
+    const socket = new WebSocket(scheme + window.location.host + "/ws/models/");
+    socket.addEventListener("open", () => {
+      setLive(true);
+      // Events were missed while the socket was down: take the list again (the state comes by itself).
+      if (again) api("GET", "/api/admin/models").then((data) => drawRows(data.models)).catch(() => {});
+    });
+    socket.addEventListener("message", (event) => onEvent(JSON.parse(event.data)));
+    socket.addEventListener("close", () => { setLive(false); setTimeout(() => connect(true), 1500); });
+  }
+
+  const running = JSON.parse(document.getElementById("running-operation").textContent);
+  if (running) {
+    operation = { id: running.id, kind: running.kind, target: running.to_model };
+    drawProgress({ operation_id: running.id, step: running.step, percent: running.percent, text: running.text, module: 0, modules: 0 });
+  }
+  drawState(state);
+  connect(false);
+})();
