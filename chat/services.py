@@ -154,7 +154,12 @@ def _cancel_local(message_id: int) -> None:
 
 def claim(message_id: int) -> tuple[Message, Message, list[dict[str, str]]] | None:
     """Take a queued message for answering (exactly once across processes); make its answer row."""
-    if not Message.objects.filter(pk=message_id, status=Message.Status.QUEUED).update(status=Message.Status.GENERATING):
+    # Claiming is the answer's first heartbeat: a message held longer than ANSWER_HEARTBEAT_SECONDS would
+    # otherwise look orphaned (and be queued again) before its first save.
+    claimed = Message.objects.filter(pk=message_id, status=Message.Status.QUEUED).update(
+        status=Message.Status.GENERATING, updated=timezone.now()
+    )
+    if not claimed:
         return None
     question = Message.objects.select_related("conversation").get(pk=message_id)
     reply, _ = Message.objects.update_or_create(

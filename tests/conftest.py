@@ -10,6 +10,9 @@ from tests.site import Site, run_site
 from tests.tabby.server import DEMO_MODELS, TabbyServer, run_tabby, wait_loaded
 
 TINY = "Tiny-Chat-5M"
+# One torch thread: the site, the tests and the model server share the CPU, and torch's spinning worker
+# threads then slow every answer of the tiny model tenfold.
+TINY_SERVER = {"model": {"model_name": TINY}, "developer": {"cpu_threads": 1}}
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +25,7 @@ def demo_models() -> Path:
 @pytest.fixture(scope="session")
 def tabby(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TabbyServer]:
     """A real model server with the tiny demo model loaded, shared by the site's tests."""
-    with run_tabby(tmp_path_factory.mktemp("tabby"), demo_models, config={"model": {"model_name": TINY}}) as server:
+    with run_tabby(tmp_path_factory.mktemp("tabby"), demo_models, config=TINY_SERVER) as server:
         wait_loaded(server, TINY)
         yield server
 

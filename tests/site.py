@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.typing import Origin
 
 from tests.tabby.server import ADMIN_KEY, API_KEY, ROOT, free_port
 
@@ -30,7 +35,7 @@ class Site:
 
     def manage(self, *args: str) -> str:
         result = subprocess.run(
-            [sys.executable, "manage.py", *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=120
+            [sys.executable, "manage.py", *args], check=False, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=120
         )
         if result.returncode != 0:
             raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
@@ -45,8 +50,32 @@ class Site:
             assert "session_id" in client.cookies
             yield client
 
+    @asynccontextmanager
+    async def socket(
+        self, path: str, client: httpx.Client | None = None, origin: str | None = None
+    ) -> AsyncIterator[ClientConnection]:
+        """A real WebSocket to `path`, as a page of this site opens it: the session's cookie, the site's Origin."""
+        cookie = {"Cookie": f"session_id={client.cookies['session_id']}"} if client is not None else {}
+        url = "ws" + self.url.removeprefix("http") + path
+        async with connect(url, origin=Origin(origin or self.url), additional_headers=cookie, proxy=None) as socket:
+            yield socket
+
     def log(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.workdir.glob("*.log")))
+
+
+async def receive_until(
+    socket: ClientConnection, last: Callable[[dict[str, Any]], bool], timeout: float = 60
+) -> list[dict[str, Any]]:
+    """The socket's events up to and including the first one `last` accepts."""
+    events: list[dict[str, Any]] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while not events or not last(events[-1]):
+                events.append(json.loads(await socket.recv()))
+    except TimeoutError:
+        raise AssertionError(f"The awaited event did not come within {timeout:g} s; came: {events[-20:]}") from None
+    return events
 
 
 def site_env(workdir: Path, tabby_url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
