@@ -124,19 +124,3 @@ class Operation(models.Model):
     @property
     def duration(self) -> float | None:
         return (self.finished - self.started).total_seconds() if self.finished else None
-
-    def as_activity(self) -> dict[str, Any]:
-        return {
-            "id": self.pk,
-            "kind": self.kind,
-            "status": self.status,
-            "source": self.source,
-            "who": self.requested_by.get_username() if self.requested_by else "",
-            "from_model": self.from_model or None,
-            "to_model": self.to_model or None,
-            "started": self.started.isoformat(),
-            "finished": self.finished.isoformat() if self.finished else None,
-            "duration": self.duration,
-            "error": self.error,
-            "rolled_back": self.rolled_back,
-        }
