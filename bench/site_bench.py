@@ -129,7 +129,8 @@ def main() -> None:
                 asyncio.run(single_streams(tabby, site))
         with run_tabby(Path(workdir) / "tabby-tiny", DEMO_MODELS, config={"model": {"model_name": TINY}}) as tabby:
             wait_loaded(tabby, TINY)
-            crowd_env = {"GANTRY_MAX_ANSWER_TOKENS": str(CROWD_TOKENS)}
+            # All 100 at once, as the direct baseline does (the default lets 8 run and queues the rest).
+            crowd_env = {"GANTRY_MAX_ANSWER_TOKENS": str(CROWD_TOKENS), "GANTRY_MAX_CONCURRENT_GENERATIONS": str(CROWD)}
             with run_site(Path(workdir) / "site-crowd", tabby.url, extra_env=crowd_env) as site:
                 asyncio.run(crowd(tabby, site))
 
