@@ -31,7 +31,7 @@ from gantry.broadcast import (
 )
 from models_admin.services import async_client, default_backend
 from models_admin.tasks import refresh_models
-from models_admin.tabby_client import BackendError, BackendUnavailable, GenerationFailed, NoModelLoaded
+from models_admin.tabby_client import BackendBadResponse, BackendError, BackendUnavailable, GenerationFailed, NoModelLoaded
 
 log = logging.getLogger(__name__)
 
@@ -208,13 +208,31 @@ def _finish(question: Message, reply: Message, content: str, status: str, error:
 
 
 def _failure_sentence(exc: BackendError) -> str:
+    reason = exc.message.rstrip(". ")
     if isinstance(exc, BackendUnavailable):
         return "The model server cannot be reached right now. Your message is kept: press Retry to send it again."
     if isinstance(exc, NoModelLoaded):
         return "No model is loaded right now. Your message is kept: press Retry once a model is loaded."
+    if _too_long(exc):
+        return f"This message is too long for the model ({reason}). Shorten it and send it as a new message."
     if isinstance(exc, GenerationFailed):
-        return f"The model stopped with an error ({exc.message}). Your message is kept: press Retry to send it again."
-    return f"The model server answered with an error ({exc.message}). Your message is kept: press Retry to send it again."
+        return f"The model stopped with an error ({reason}). Your message is kept: press Retry to send it again."
+    return f"The model server answered with an error ({reason}). Your message is kept: press Retry to send it again."
+
+
+def _too_long(exc: BackendError) -> bool:
+    return isinstance(exc, BackendBadResponse) and exc.status == 400 and "context length" in exc.message.lower()
+
+
+async def _answer_within_context(history: list[dict[str, str]], reply: Message, pieces: list[str], group: str) -> str:
+    """Stream the answer; when the conversation outgrows the model's context, drop its oldest turns."""
+    while True:
+        try:
+            return await _stream(history, reply, pieces, group)
+        except BackendBadResponse as exc:
+            if not (_too_long(exc) and len(history) > 1 and not pieces):
+                raise
+            history = history[2:] if len(history) > 2 else history[-1:]
 
 
 async def generate(question: Message, reply: Message, history: list[dict[str, str]]) -> None:
@@ -229,7 +247,7 @@ async def generate(question: Message, reply: Message, history: list[dict[str, st
     pieces: list[str] = []
     status, error, model = Message.Status.DONE, "", ""
     try:
-        model = await _stream(history, reply, pieces, group)
+        model = await _answer_within_context(history, reply, pieces, group)
     except (asyncio.CancelledError, _Stopped):
         status = Message.Status.CANCELLED
     except BackendError as exc:
