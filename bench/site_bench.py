@@ -49,8 +49,11 @@ async def direct(tabby: TabbyServer, client: httpx.AsyncClient, tokens: int) -> 
 
 
 def summary(started: float, stamps: list[float]) -> tuple[float, float, list[float]]:
+    """(time to first piece, pieces per second, gaps); an answer that ended at once has no pieces."""
+    if not stamps:
+        return float("nan"), 0.0, []
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return stamps[0] - started, len(stamps) / (stamps[-1] - started), gaps
+    return stamps[0] - started, len(stamps) / max(stamps[-1] - started, 1e-9), gaps
 
 
 async def through_gantry(site: Site, client: httpx.AsyncClient, cookie: str) -> tuple[float, float, list[float]]:
