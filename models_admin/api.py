@@ -132,4 +132,4 @@ async def wait_for(operation_id: int) -> Operation:
         if await sync_to_async(Operation.objects.stale(settings.GANTRY_OPERATION_STALE_AFTER).filter(pk=operation_id).exists)():
             await sync_to_async(operations.reconcile_stale_operations)()
             continue
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.02)  # a cheap indexed read; keeps the answer within ~20 ms of the end
