@@ -16,12 +16,14 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from chat.models import ANSWER_HEARTBEAT_SECONDS, Message
 from gantry.background import spawn
 from gantry.broadcast import MessageEvent, QueuedEvent, broadcast, conversation_group
+from models_admin.models import Backend
 from models_admin.services import default_backend
 
 log = logging.getLogger(__name__)
@@ -76,18 +78,23 @@ def _claim_next() -> tuple[Message, Message, list[dict[str, str]]] | None:
 
     if not default_backend().is_ready:
         return None
-    free = settings.GANTRY_MAX_CONCURRENT_GENERATIONS - Message.objects.answering().count()
-    if free <= 0:
-        return None
-    busy = set(Message.objects.filter(role=Message.Role.USER, status=Message.Status.GENERATING).values_list("conversation_id", flat=True))
-    for message_id, conversation_id in waiting().order_by("created", "id").values_list("id", "conversation_id")[: free + 50]:
-        # One answer at a time per conversation: a later question needs the earlier answer as context.
-        if conversation_id in busy:
-            continue
-        claimed = claim(message_id)
-        if claimed is not None:
-            return claimed
-        busy.add(conversation_id)
+    with transaction.atomic():
+        # One claimer at a time across processes (the backend's row lock): the free slots and the busy
+        # conversations counted here stay true until the claim.
+        if not Backend.objects.select_for_update().get(pk=default_backend().pk).is_ready:
+            return None
+        free = settings.GANTRY_MAX_CONCURRENT_GENERATIONS - Message.objects.answering().count()
+        if free <= 0:
+            return None
+        busy = set(Message.objects.filter(role=Message.Role.USER, status=Message.Status.GENERATING).values_list("conversation_id", flat=True))
+        for message_id, conversation_id in waiting().order_by("created", "id").values_list("id", "conversation_id")[: free + 50]:
+            # One answer at a time per conversation: a later question needs the earlier answer as context.
+            if conversation_id in busy:
+                continue
+            claimed = claim(message_id)
+            if claimed is not None:
+                return claimed
+            busy.add(conversation_id)
     return None
 
 

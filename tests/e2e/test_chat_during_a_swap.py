@@ -65,7 +65,9 @@ def admin_page(browser: Browser, site: Site) -> Iterator[Page]:
 
 def make_active(site: Site, model: str | None) -> None:
     with site.session(ADMIN) as admin:
-        response = admin.post("/api/admin/models/switch", json={"model_id": model}) if model else admin.post("/api/admin/models/unload")
+        response = (
+            admin.post("/api/admin/models/switch", json={"model_id": model}) if model else admin.post("/api/admin/models/unload")
+        )
     assert response.status_code == 200, response.text
 
 
