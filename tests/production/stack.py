@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.tabby.server import free_port
+from tests.models_admin.live import wait_until
+from tests.site import Site
+from tests.tabby.server import ROOT, free_port
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -71,3 +74,30 @@ def private_database() -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def start_celery(site: Site, name: str, *args: str) -> subprocess.Popen[bytes]:
+    """`python -m celery -A gantry <args>` with the site's environment; the site stops it at the end."""
+    with (site.workdir / f"{name}.log").open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "gantry", *args, "--loglevel", "INFO"],
+            cwd=ROOT,
+            env=site.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    site.processes.append(process)
+    return process
+
+
+def start_worker(site: Site, name: str, timeout: float = 60) -> subprocess.Popen[bytes]:
+    """A real Celery worker (thread pool), returned once it says it is ready."""
+    worker = start_celery(site, name, "worker", "--pool", "threads", "--concurrency", "4", "--hostname", f"{name}@%h")
+    log_path = site.workdir / f"{name}.log"
+
+    def ready() -> bool:
+        assert worker.poll() is None, f"The worker exited with {worker.returncode}:\n{log_path.read_text()}"
+        return f"{name}@" in (text := log_path.read_text(errors="replace")) and " ready." in text
+
+    wait_until(ready, timeout, f"the Celery worker {name} to be ready")
+    return worker

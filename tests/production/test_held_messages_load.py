@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,9 +29,9 @@ from websockets.asyncio.client import connect as aconnect
 from websockets.sync.client import ClientConnection, connect
 
 from tests.models_admin.live import backend, operations, query, started_together, wait_until
-from tests.production.stack import private_database, private_redis
+from tests.production.stack import private_database, private_redis, start_celery, start_worker
 from tests.site import ADMIN, MEMBER, Site, run_site, start_daphne
-from tests.tabby.server import ROOT, free_port, run_tabby, wait_loaded
+from tests.tabby.server import free_port, run_tabby, wait_loaded
 
 TINY = "Tiny-Chat-5M"
 TINY_V2 = "Tiny-Chat-5M-v2"
@@ -85,32 +84,6 @@ class Stack:
     site: Site  # the first daphne process
     other_url: str  # the second
     model_server: ModelServer
-
-
-def start_celery(site: Site, name: str, *args: str) -> subprocess.Popen[bytes]:
-    """`python -m celery -A gantry <args>` with the site's environment; the site stops it at the end."""
-    with (site.workdir / f"{name}.log").open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "gantry", *args, "--loglevel", "INFO"],
-            cwd=ROOT,
-            env=site.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    site.processes.append(process)
-    return process
-
-
-def start_worker(site: Site, name: str) -> subprocess.Popen[bytes]:
-    worker = start_celery(site, name, "worker", "--pool", "threads", "--concurrency", "4", "--hostname", f"{name}@%h")
-    log_path = site.workdir / f"{name}.log"
-
-    def ready() -> bool:
-        assert worker.poll() is None, f"The worker exited with {worker.returncode}:\n{log_path.read_text()}"
-        return f"{name}@" in (text := log_path.read_text(errors="replace")) and " ready." in text
-
-    wait_until(ready, 60, f"the Celery worker {name} to be ready")
-    return worker
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,40 +24,13 @@ import pytest
 from websockets.sync.client import ClientConnection, connect
 
 from tests.models_admin.live import backend, disagreement, loaded_model, operations, started_together, wait_until
-from tests.production.stack import private_database, private_redis
+from tests.production.stack import private_database, private_redis, start_celery, start_worker
 from tests.site import ADMIN, Site, run_site
-from tests.tabby.server import ROOT, TabbyServer, free_port, run_tabby, wait_loaded
+from tests.tabby.server import TabbyServer, free_port, run_tabby, wait_loaded
 
 TINY = "Tiny-Chat-5M"
 SMALL = "Small-Chat-200M"
 SMALL_V2 = "Small-Chat-200M-v2"  # the same weights in a second folder
-
-
-def start_celery(site: Site, name: str, *args: str) -> subprocess.Popen[bytes]:
-    """`python -m celery -A gantry <args>` with the site's environment; the site stops it at the end."""
-    log_path = site.workdir / f"{name}.log"
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "gantry", *args, "--loglevel", "INFO"],
-            cwd=ROOT,
-            env=site.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    site.processes.append(process)
-    return process
-
-
-def start_worker(site: Site, name: str) -> subprocess.Popen[bytes]:
-    worker = start_celery(site, name, "worker", "--pool", "threads", "--concurrency", "4", "--hostname", f"{name}@%h")
-    log_path = site.workdir / f"{name}.log"
-
-    def ready() -> bool:
-        assert worker.poll() is None, f"The worker exited with {worker.returncode}:\n{log_path.read_text()}"
-        return f"{name}@" in (text := log_path.read_text(errors="replace")) and " ready." in text
-
-    wait_until(ready, 30, f"the Celery worker {name} to be ready")
-    return worker
 
 
 @dataclass
