@@ -370,8 +370,9 @@ async def test_two_hundred_people_sending_during_a_switch_each_get_exactly_one_a
         f"largest displacement from arrival order {displaced}"
     )
     assert at_once <= CONCURRENCY
-    assert 0 <= first < 10
-    assert first <= last < 120
+    # Loose bounds: the machine may be busy with other work (typically about 0.3 s and 15 s here).
+    assert 0 <= first < 30
+    assert first <= last < 180
 
 
 def test_queued_messages_are_answered_after_the_web_process_holding_their_sockets_is_killed_during_a_switch(
