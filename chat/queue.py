@@ -65,23 +65,34 @@ async def release() -> None:
 
     async with _release_lock:
         while True:
-            claimed = await _claim_next()
+            claimed = await sync_to_async(claim_next)()
             if claimed is None:
                 break
             asyncio.get_running_loop().create_task(generate(*claimed))
     schedule_positions()
 
 
-@sync_to_async
-def _claim_next() -> tuple[Message, Message, list[dict[str, str]]] | None:
+def release_here() -> None:
+    """release() from a request's thread: the message just posted starts without waiting for a hop
+    onto the serving loop and back into a thread (its first token waits on every hop)."""
+    from chat.services import generate
+
+    while (claimed := claim_next()) is not None:
+        spawn(generate(*claimed))
+    schedule_positions()
+
+
+def claim_next() -> tuple[Message, Message, list[dict[str, str]]] | None:
+    """Claim the oldest message that may be answered now, if the model is ready and a slot is free."""
     from chat.services import claim
 
-    if not default_backend().is_ready:
+    backend = default_backend()
+    if not backend.is_ready:
         return None
     with transaction.atomic():
         # One claimer at a time across processes (the backend's row lock): the free slots and the busy
         # conversations counted here stay true until the claim.
-        if not Backend.objects.select_for_update().get(pk=default_backend().pk).is_ready:
+        if not Backend.objects.select_for_update().get(pk=backend.pk).is_ready:
             return None
         free = settings.GANTRY_MAX_CONCURRENT_GENERATIONS - Message.objects.answering().count()
         if free <= 0:

@@ -12,10 +12,11 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from chat.models import Conversation, Message
-from chat.queue import check_capacity, position, requeue, schedule_positions, wake
+from chat.queue import check_capacity, position, release_here, requeue, schedule_positions, wake
 from gantry.background import dispatch, in_thread
 from gantry.broadcast import (
     ConversationEvent,
@@ -93,8 +94,8 @@ def post_message(conversation: Conversation, content: str) -> Message:
         if conversation.title == "New conversation":
             conversation.title = " ".join(content.split())[:60]
         conversation.save(update_fields=["title", "updated"])
-        transaction.on_commit(wake)
     _send_message(message)
+    transaction.on_commit(release_here)  # at once, unless a caller's transaction is still open
     backend = default_backend()
     if not backend.is_ready:
         # Held: tell the author where the message stands (the release updates it as the queue moves).
@@ -161,29 +162,36 @@ def claim(message_id: int) -> tuple[Message, Message, list[dict[str, str]]] | No
     )
     if not claimed:
         return None
-    question = Message.objects.select_related("conversation").get(pk=message_id)
-    reply, _ = Message.objects.update_or_create(
-        reply_to=question,
-        defaults={"conversation": question.conversation, "role": Message.Role.ASSISTANT, "content": "", "error": "",
-                  "status": Message.Status.GENERATING},
-    )
+    question = Message.objects.get(pk=message_id)
+    reply = Message.objects.filter(reply_to=question).first()  # a retried message reuses its answer row
+    if reply is None:
+        reply = Message.objects.create(
+            conversation_id=question.conversation_id, role=Message.Role.ASSISTANT, reply_to=question, status=Message.Status.GENERATING
+        )
+    else:
+        reply.content, reply.error, reply.status = "", "", Message.Status.GENERATING
+        reply.save(update_fields=["content", "error", "status", "updated"])
     return question, reply, _history(question)
 
 
 def _history(question: Message) -> list[dict[str, str]]:
     """The conversation before this question, as question/answer turns (answered ones only), oldest first."""
-    earlier = question.conversation.messages.filter(
-        role=Message.Role.USER, status=Message.Status.DONE, created__lt=question.created
-    ).order_by("created", "id")
-    answers = {
-        m.reply_to_id: m.content
-        for m in Message.objects.filter(reply_to__in=earlier, status=Message.Status.DONE).only("reply_to_id", "content")
-    }
+    earlier = Message.objects.filter(conversation_id=question.conversation_id, status=Message.Status.DONE).filter(
+        Q(role=Message.Role.USER, created__lt=question.created)
+        | Q(role=Message.Role.ASSISTANT, reply_to__created__lt=question.created)
+    )
+    asked: list[tuple[Any, int, str]] = []
+    answers: dict[int | None, str] = {}
+    for pk, role, content, created, reply_to_id in earlier.values_list("id", "role", "content", "created", "reply_to_id"):
+        if role == Message.Role.USER:
+            asked.append((created, pk, content))
+        else:
+            answers[reply_to_id] = content
     turns: list[dict[str, str]] = []
-    for asked in earlier:
-        turns.append({"role": "user", "content": asked.content})
-        if asked.pk in answers:
-            turns.append({"role": "assistant", "content": answers[asked.pk]})
+    for _, pk, content in sorted(asked):
+        turns.append({"role": "user", "content": content})
+        if pk in answers:
+            turns.append({"role": "assistant", "content": answers[pk]})
     return turns + [{"role": "user", "content": question.content}]
 
 
@@ -238,8 +246,8 @@ async def _answer_within_context(history: list[dict[str, str]], reply: Message, 
 async def generate(question: Message, reply: Message, history: list[dict[str, str]]) -> None:
     """Stream the answer to a claimed question to the conversation's pages, saving it as it grows."""
     group = conversation_group(question.conversation_id)
-    await abroadcast(group, MessageEvent(type="chat.message", message=await sync_to_async(question.as_event)()))
-    await abroadcast(group, MessageEvent(type="chat.message", message=await sync_to_async(reply.as_event)()))
+    await abroadcast(group, MessageEvent(type="chat.message", message=question.as_event()))
+    await abroadcast(group, MessageEvent(type="chat.message", message=reply.as_event()))
     task = asyncio.current_task()
     assert task is not None
     _running[question.pk] = task

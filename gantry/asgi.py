@@ -37,7 +37,10 @@ def start_background_work() -> None:
     from django.conf import settings
 
     from chat.queue import wake
+    from models_admin.tabby_client import tls_context
     from models_admin.tasks import refresh_models
+
+    in_thread(tls_context)  # made once, before the first answer needs it
 
     if settings.CELERY_BROKER_URL:
         in_thread(refresh_models.run)  # beat refreshes from now on; learn the state at once

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,9 @@ def tabby_config() -> TabbyConfig:
     """TabbyAPI's address and keys: the settings, else the server's own api_tokens.yml."""
     api_key, admin_key = settings.TABBY_API_KEY, settings.TABBY_ADMIN_KEY
     if (not api_key or not admin_key) and settings.TABBY_TOKENS_FILE:
-        tokens = yaml.safe_load(Path(settings.TABBY_TOKENS_FILE).read_text(encoding="utf-8")) or {}
-        api = tokens.get("api_key")
-        api_key = api_key or str(api[0] if isinstance(api, list) else api or "")
-        admin_key = admin_key or str(tokens.get("admin_key") or "")
+        path = Path(settings.TABBY_TOKENS_FILE)
+        file_api_key, file_admin_key = _tokens(path, path.stat().st_mtime_ns)
+        api_key, admin_key = api_key or file_api_key, admin_key or file_admin_key
     return TabbyConfig(
         base_url=settings.TABBY_HOST,
         api_key=api_key,
@@ -31,6 +31,14 @@ def tabby_config() -> TabbyConfig:
         connect_timeout=settings.TABBY_CONNECT_TIMEOUT,
         read_timeout=settings.TABBY_READ_TIMEOUT,
     )
+
+
+@functools.lru_cache(maxsize=4)
+def _tokens(path: Path, mtime_ns: int) -> tuple[str, str]:
+    """(API key, admin key) from TabbyAPI's api_tokens.yml, read again only when the file changes."""
+    tokens = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    api = tokens.get("api_key")
+    return str(api[0] if isinstance(api, list) else api or ""), str(tokens.get("admin_key") or "")
 
 
 def async_client() -> AsyncTabbyClient:

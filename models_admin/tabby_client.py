@@ -8,7 +8,9 @@ functions and readers below, so the two classes only move bytes.
 
 from __future__ import annotations
 
+import functools
 import json
+import ssl
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -141,10 +143,18 @@ def chat_call(messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) 
     return Call("POST", "/v1/chat/completions", "api", "start an answer", body)
 
 
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """Made once per process: building it (reading the CA bundle) takes tens of milliseconds, which
+    every new client would otherwise pay before its first request (an answer's first token waits on it)."""
+    return httpx.create_ssl_context()
+
+
 def client_options(config: TabbyConfig) -> dict[str, Any]:
     return {
         "base_url": config.base_url.rstrip("/"),
         "timeout": httpx.Timeout(config.read_timeout, connect=config.connect_timeout),
+        "verify": tls_context(),
     }
 
 
