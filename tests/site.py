@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.sync.client import ClientConnection as BlockingConnection
+from websockets.sync.client import connect as connect_blocking
 from websockets.typing import Origin
 
 from tests.tabby.server import ADMIN_KEY, API_KEY, ROOT, free_port
@@ -75,6 +77,34 @@ async def receive_until(
                 events.append(json.loads(await socket.recv()))
     except TimeoutError:
         raise AssertionError(f"The awaited event did not come within {timeout:g} s; came: {events[-20:]}") from None
+    return events
+
+
+@contextmanager
+def blocking_socket(url: str, path: str, session_id: str, timeout: float) -> Iterator[BlockingConnection]:
+    """A blocking WebSocket to `path` of the site at `url`, opened as a page opens it (the session's cookie,
+    the site's Origin), once its first event, the model's state, has come; `timeout` bounds both."""
+    headers = {"Cookie": f"session_id={session_id}", "Origin": url}
+    with connect_blocking("ws" + url.removeprefix("http") + path, additional_headers=headers, open_timeout=timeout) as socket:
+        first = json.loads(socket.recv(timeout=timeout))
+        assert first["type"] == "model.state", first
+        yield socket
+
+
+def receive_blocking(
+    socket: BlockingConnection, last: Callable[[dict[str, Any]], bool], timeout: float = 60
+) -> list[dict[str, Any]]:
+    """The blocking socket's events up to and including the first one `last` accepts."""
+    deadline = time.monotonic() + timeout
+    events: list[dict[str, Any]] = []
+    while not events or not last(events[-1]):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"The awaited event did not come within {timeout:g} s; came: {events[-10:]}")
+        try:
+            events.append(json.loads(socket.recv(timeout=left)))
+        except TimeoutError:
+            continue
     return events
 
 

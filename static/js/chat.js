@@ -48,25 +48,7 @@
     }).join("");
   }
 
-  function csrfToken() {
-    const match = document.cookie.match(/(?:^|; )csrftoken=([^;]+)/);
-    return match ? decodeURIComponent(match[1]) : "";
-  }
-  async function api(method, url, body) {
-    const response = await fetch(url, {
-      method,
-      credentials: "same-origin",
-      headers: { "Content-Type": "application/json", "X-CSRFToken": csrfToken() },
-      body: body === undefined ? undefined : JSON.stringify(body),
-    });
-    let data = null;
-    try { data = await response.json(); } catch (e) { data = null; }
-    if (!response.ok) {
-      const detail = data && data.detail ? data.detail : data && data.content ? data.content.join(" ") : "";
-      throw new Error(detail || "The server could not do that (" + response.status + "). Try again.");
-    }
-    return data;
-  }
+  const api = window.gantry.api; // from base.js
 
   function statusLine(message) {
     if (message.role === "user") {

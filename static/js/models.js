@@ -27,25 +27,8 @@
   let failure = null; // the running operation's failure reason, once a `failed` step arrived
   const ended = new Set(); // operations seen to end (their late `done` event is still drawn)
 
-  function csrfToken() {
-    const match = document.cookie.match(/(?:^|; )csrftoken=([^;]+)/);
-    return match ? decodeURIComponent(match[1]) : "";
-  }
-  async function api(method, url, body) {
-    const response = await fetch(url, {
-      method,
-      credentials: "same-origin",
-      headers: { "Content-Type": "application/json", "X-CSRFToken": csrfToken(), "X-Gantry-Source": "dashboard" },
-      body: body === undefined ? undefined : JSON.stringify(body),
-    });
-    let data = null;
-    try { data = await response.json(); } catch (e) { data = null; }
-    if (!response.ok) {
-      const error = new Error((data && data.detail) || "The server could not do that (" + response.status + "). Try again.");
-      error.data = data || {};
-      throw error;
-    }
-    return data;
+  function api(method, url, body) { // base.js's, marked as coming from the dashboard
+    return window.gantry.api(method, url, body, { "X-Gantry-Source": "dashboard" });
   }
 
   const busy = () => state.state === "switching" || state.state === "unloading";

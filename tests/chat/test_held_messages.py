@@ -12,22 +12,32 @@ the queue's limit starts a third site, whose limit is 3.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import AsyncExitStack, contextmanager
+from contextlib import AbstractContextManager, AsyncExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from websockets.sync.client import ClientConnection, connect
 
 from tests.models_admin.live import backend, query, started_together, wait_until
-from tests.site import ADMIN, MEMBER, OUTSIDER, Site, receive_until, run_site, start_daphne, stop
+from tests.site import (
+    ADMIN,
+    MEMBER,
+    OUTSIDER,
+    BlockingConnection,
+    Site,
+    blocking_socket,
+    receive_blocking,
+    receive_until,
+    run_site,
+    start_daphne,
+    stop,
+)
 from tests.tabby.server import TabbyServer, free_port, run_tabby, wait_loaded
 
 TINY = "Tiny-Chat-5M"
@@ -154,28 +164,8 @@ def web_process(site: Site) -> Any:
     return running[0]
 
 
-@contextmanager
-def chat_socket(site: Site, client: httpx.Client, conversation_id: int) -> Iterator[ClientConnection]:
-    url = site.url.replace("http://", "ws://") + f"/ws/chat/{conversation_id}/"
-    headers = {"Cookie": f"session_id={client.cookies['session_id']}", "Origin": site.url}
-    with connect(url, additional_headers=headers, open_timeout=20) as socket:
-        assert json.loads(socket.recv(timeout=20))["type"] == "model.state"
-        yield socket
-
-
-def receive(socket: ClientConnection, last: Callable[[dict[str, Any]], bool], timeout: float = 60) -> list[dict[str, Any]]:
-    """The socket's events up to and including the first one `last` accepts."""
-    deadline = time.monotonic() + timeout
-    events: list[dict[str, Any]] = []
-    while not events or not last(events[-1]):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"The awaited event did not come within {timeout:g} s; came: {events[-10:]}")
-        try:
-            events.append(json.loads(socket.recv(timeout=left)))
-        except TimeoutError:
-            continue
-    return events
+def chat_socket(site: Site, client: httpx.Client, conversation_id: int) -> AbstractContextManager[BlockingConnection]:
+    return blocking_socket(site.url, f"/ws/chat/{conversation_id}/", client.cookies["session_id"], 20)
 
 
 def is_token(event: dict[str, Any]) -> bool:
@@ -235,13 +225,13 @@ def test_a_queued_message_cancelled_by_its_author_is_never_answered(site: Site) 
         with chat_socket(site, member, conversation) as socket, chat_socket(site, member, other) as other_socket:
             cancelled = post(member, conversation, "Never mind this one").json()
             kept = post(member, other, "But answer this one").json()
-            receive(other_socket, lambda e: e == {"type": "chat.queued", "message_id": kept["id"], "position": 2})
+            receive_blocking(other_socket, lambda e: e == {"type": "chat.queued", "message_id": kept["id"], "position": 2})
             assert outsider.post(f"/api/messages/{cancelled['id']}/stop/").status_code == 404
             assert rows(site, [cancelled["id"]])[cancelled["id"]]["status"] == "queued"
             stopped = member.post(f"/api/messages/{cancelled['id']}/stop/")
-            events = receive(socket, state_of(cancelled["id"], "cancelled"))
+            events = receive_blocking(socket, state_of(cancelled["id"], "cancelled"))
             # The message behind the cancelled one moves up.
-            receive(other_socket, lambda e: e == {"type": "chat.queued", "message_id": kept["id"], "position": 1})
+            receive_blocking(other_socket, lambda e: e == {"type": "chat.queued", "message_id": kept["id"], "position": 1})
         assert stopped.status_code == 200
         assert (stopped.json()["id"], stopped.json()["status"]) == (cancelled["id"], "cancelled")
         assert events[-1]["message"]["content"] == "Never mind this one"
@@ -295,9 +285,9 @@ def test_an_answer_cut_off_by_an_unload_after_the_drain_is_queued_again_and_answ
             conversation = member.post("/api/conversations/", json={}).json()["id"]
             with chat_socket(site, member, conversation) as socket:
                 question = post(member, conversation, "Tell me a long story").json()
-                events = receive(socket, state_of(question["id"], "generating"), timeout=90)
+                events = receive_blocking(socket, state_of(question["id"], "generating"), timeout=90)
                 with in_background(unload, site) as unloading:
-                    events += receive(socket, state_of(question["id"], "queued", *ENDED), timeout=90)
+                    events += receive_blocking(socket, state_of(question["id"], "queued", *ENDED), timeout=90)
                     assert unloading.result(timeout=60).status_code == 200
             if events[-1]["message"]["status"] != "done":
                 break
@@ -353,7 +343,7 @@ def test_an_answer_left_generating_by_a_killed_web_process_is_queued_again_and_a
             conversation = member.post("/api/conversations/", json={}).json()["id"]
             with chat_socket(site, member, conversation) as socket:
                 question = post(member, conversation, "Tell me a long story").json()
-                receive(socket, token_or(state_of(question["id"], *ENDED)), timeout=90)
+                receive_blocking(socket, token_or(state_of(question["id"], *ENDED)), timeout=90)
                 process = web_process(site)
                 os.kill(process.pid, signal.SIGKILL)
                 process.wait(timeout=10)
@@ -367,7 +357,7 @@ def test_an_answer_left_generating_by_a_killed_web_process_is_queued_again_and_a
         assert left["answer"]["status"] == "generating"
 
     with site.session(MEMBER) as member, chat_socket(site, member, conversation) as socket:
-        events = receive(socket, state_of(question["id"], *ENDED), timeout=90)
+        events = receive_blocking(socket, state_of(question["id"], *ENDED), timeout=90)
     requeued = [e["message"] for e in events if state_of(question["id"], "queued")(e)]
     assert requeued and requeued[0]["error"] == PROCESS_DIED
     # Only an answer silent for 10 s counts as orphaned (its process may just be slow).

@@ -18,7 +18,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +26,10 @@ from typing import Any
 import httpx
 import pytest
 from websockets.asyncio.client import connect as aconnect
-from websockets.sync.client import ClientConnection, connect
 
 from tests.models_admin.live import backend, operations, query, started_together, wait_until
 from tests.production.stack import private_database, private_redis, start_celery, start_worker
-from tests.site import ADMIN, MEMBER, Site, run_site, start_daphne
+from tests.site import ADMIN, MEMBER, BlockingConnection, Site, blocking_socket, receive_blocking, run_site, start_daphne
 from tests.tabby.server import free_port, run_tabby, wait_loaded
 
 TINY = "Tiny-Chat-5M"
@@ -145,27 +144,8 @@ def socket_url(http_url: str, path: str) -> str:
     return http_url.replace("http://", "ws://") + path
 
 
-@contextmanager
-def chat_socket(url: str, session_id: str, conversation_id: int) -> Iterator[ClientConnection]:
-    headers = {"Cookie": f"session_id={session_id}", "Origin": url}
-    with connect(socket_url(url, f"/ws/chat/{conversation_id}/"), additional_headers=headers, open_timeout=30) as socket:
-        assert json.loads(socket.recv(timeout=30))["type"] == "model.state"
-        yield socket
-
-
-def receive(socket: ClientConnection, last: Callable[[dict[str, Any]], bool], timeout: float = 60) -> list[dict[str, Any]]:
-    """The socket's events up to and including the first one `last` accepts."""
-    deadline = time.monotonic() + timeout
-    events: list[dict[str, Any]] = []
-    while not events or not last(events[-1]):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"The awaited event did not come within {timeout:g} s; came: {events[-10:]}")
-        try:
-            events.append(json.loads(socket.recv(timeout=left)))
-        except TimeoutError:
-            continue
-    return events
+def chat_socket(url: str, session_id: str, conversation_id: int) -> AbstractContextManager[BlockingConnection]:
+    return blocking_socket(url, f"/ws/chat/{conversation_id}/", session_id, 30)
 
 
 def is_state(state: str) -> Callable[[dict[str, Any]], bool]:
@@ -390,7 +370,7 @@ def test_queued_messages_are_answered_after_the_web_process_holding_their_socket
         conversations = [member.post("/api/conversations/", json={}).json()["id"] for _ in range(10)]
         sockets = [pages.enter_context(chat_socket(site.url, member.cookies["session_id"], c)) for c in conversations]
         with in_background(switch, stack.other_url, TINY_V2) as switching:
-            receive(sockets[0], is_state("switching"))
+            receive_blocking(sockets[0], is_state("switching"))
             ids = [
                 member.post(f"/api/conversations/{c}/messages/", json={"content": "Still there?"}).json()["id"]
                 for c in conversations
@@ -419,11 +399,11 @@ def test_a_switch_whose_worker_is_killed_is_reconciled_and_the_queue_released_on
             chat_socket(site.url, member.cookies["session_id"], conversations[0]) as socket,
             in_background(switch, stack.other_url, TINY_V2) as switching,
         ):
-            receive(socket, is_state("switching"))
+            receive_blocking(socket, is_state("switching"))
             ids = [
                 member.post(f"/api/conversations/{c}/messages/", json={"content": "Hold on"}).json()["id"] for c in conversations
             ]
-            receive(socket, is_loading)
+            receive_blocking(socket, is_loading)
             os.kill(worker.pid, signal.SIGKILL)
             worker.wait(timeout=10)
             interrupted = switching.result(timeout=120)
@@ -459,9 +439,9 @@ def test_an_answer_cut_by_a_model_server_restart_is_queued_again_or_failed_with_
                 question = member.post(
                     f"/api/conversations/{conversation}/messages/", json={"content": "Tell me a long story"}
                 ).json()
-                receive(socket, token_or(state_of(question["id"], *ENDED)))
+                receive_blocking(socket, token_or(state_of(question["id"], *ENDED)))
                 stack.model_server.crash()
-                events = receive(socket, state_of(question["id"], "queued", *ENDED))
+                events = receive_blocking(socket, state_of(question["id"], "queued", *ENDED))
             if events[-1]["message"]["status"] != "done":
                 break
             stack.model_server.start()

@@ -7,25 +7,21 @@ worker gave no sign of life for two seconds counts as dead.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from websockets.sync.client import ClientConnection, connect
 
 from tests.models_admin.live import backend, disagreement, loaded_model, operations, started_together, wait_until
 from tests.production.stack import private_database, private_redis, start_celery, start_worker
-from tests.site import ADMIN, Site, run_site
+from tests.site import ADMIN, BlockingConnection, Site, blocking_socket, receive_blocking, run_site
 from tests.tabby.server import TabbyServer, free_port, run_tabby, wait_loaded
 
 TINY = "Tiny-Chat-5M"
@@ -68,30 +64,9 @@ def stack(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             yield Stack(tabby, site, worker)
 
 
-@contextmanager
-def models_socket(site: Site, admin: httpx.Client) -> Iterator[ClientConnection]:
+def models_socket(site: Site, admin: httpx.Client) -> AbstractContextManager[BlockingConnection]:
     """The Models page's socket, opened as the page opens it: the admin's session cookie, the site's Origin."""
-    url = site.url.replace("http://", "ws://") + "/ws/models/"
-    headers = {"Cookie": f"session_id={admin.cookies['session_id']}", "Origin": site.url}
-    with connect(url, additional_headers=headers, open_timeout=10) as socket:
-        first = json.loads(socket.recv(timeout=10))
-        assert first["type"] == "model.state", first
-        yield socket
-
-
-def receive_until(socket: ClientConnection, last: Callable[[dict[str, Any]], bool], timeout: float) -> list[dict[str, Any]]:
-    """The socket's events up to and including the first one `last` accepts."""
-    deadline = time.monotonic() + timeout
-    events: list[dict[str, Any]] = []
-    while not events or not last(events[-1]):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"The awaited event did not come within {timeout:g} s; came: {events[-10:]}")
-        try:
-            events.append(json.loads(socket.recv(timeout=left)))
-        except TimeoutError:
-            continue
-    return events
+    return blocking_socket(site.url, "/ws/models/", admin.cookies["session_id"], 10)
 
 
 def switch(client: httpx.Client, model: str) -> httpx.Response:
@@ -104,7 +79,7 @@ def test_a_switch_reports_each_step_to_the_models_page_over_its_socket(stack: St
         assert switch(admin, TINY).status_code == 200
         with models_socket(site, admin) as socket, ThreadPoolExecutor(max_workers=1) as pool:
             answer = pool.submit(switch, admin, SMALL)
-            events = receive_until(socket, lambda e: e["type"] == "model.progress" and e["step"] == "done", 60)
+            events = receive_blocking(socket, lambda e: e["type"] == "model.progress" and e["step"] == "done", 60)
             response = answer.result(timeout=30)
         assert response.status_code == 200
         assert response.json() == {"message": f"Model switched to {SMALL}", "model_id": SMALL}
@@ -138,7 +113,7 @@ def test_a_switch_whose_worker_is_killed_is_recorded_as_interrupted_and_the_stat
         impatient = httpx.Client(base_url=site.url, cookies=admin.cookies, timeout=httpx.Timeout(10, read=1))
         with models_socket(site, admin) as socket, ThreadPoolExecutor(max_workers=1) as pool, impatient:
             gave_up = pool.submit(switch, impatient, SMALL_V2)
-            receive_until(socket, lambda e: e["type"] == "model.progress" and e["step"] == "loading" and e["module"] >= 3, 30)
+            receive_blocking(socket, lambda e: e["type"] == "model.progress" and e["step"] == "loading" and e["module"] >= 3, 30)
             os.kill(stack.worker.pid, signal.SIGKILL)
             stack.worker.wait(timeout=10)
             with pytest.raises(httpx.ReadTimeout):
