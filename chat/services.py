@@ -31,8 +31,8 @@ from gantry.broadcast import (
     user_group,
 )
 from models_admin.services import async_client, default_backend
-from models_admin.tasks import refresh_models
 from models_admin.tabby_client import BackendBadResponse, BackendError, BackendUnavailable, GenerationFailed, NoModelLoaded
+from models_admin.tasks import refresh_models
 
 log = logging.getLogger(__name__)
 

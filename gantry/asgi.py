@@ -6,22 +6,36 @@ import asyncio
 import os
 from typing import Any
 
-from django.core.asgi import get_asgi_application
+import django
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gantry.settings")
-django_application = get_asgi_application()  # before anything that imports models
+django.setup(set_prefix=False)  # before anything that imports models
 
-from channels.auth import AuthMiddlewareStack  # noqa: E402
-from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from channels.auth import AuthMiddlewareStack
+from channels.routing import ProtocolTypeRouter, URLRouter
+from channels.security.websocket import AllowedHostsOriginValidator
+from django.core.handlers.wsgi import WSGIHandler
 
-import chat.routing  # noqa: E402
-import models_admin.routing  # noqa: E402
-from gantry.background import bind_serving_loop, every, in_thread  # noqa: E402
+import chat.routing
+import models_admin.routing
+from gantry.background import bind_serving_loop, every, in_thread
+from gantry.serving import ThreadedWSGI, async_view_handler, is_async_view
+
+async_view_application = async_view_handler()
+threaded_application = ThreadedWSGI(WSGIHandler())
+
+
+async def http(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Async views on the event loop; sync views (pages, the chat API) each in one pool thread."""
+    if is_async_view(scope["path"]):
+        await async_view_application(scope, receive, send)
+    else:
+        await threaded_application(scope, receive, send)
+
 
 router = ProtocolTypeRouter(
     {
-        "http": django_application,
+        "http": http,
         "websocket": AllowedHostsOriginValidator(
             AuthMiddlewareStack(URLRouter(chat.routing.websocket_urlpatterns + models_admin.routing.websocket_urlpatterns))
         ),

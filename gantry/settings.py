@@ -77,8 +77,11 @@ TEMPLATES = [
 ]
 
 DATABASE_URL = env_str("DATABASE_URL")
+# Seconds a thread keeps its database connection between requests (0: a new one for every request).
+# Opening one costs more than a whole simple request; web threads are a bounded pool, so they are few.
+DATABASE_CONN_MAX_AGE = env_int("DATABASE_CONN_MAX_AGE", 60, minimum=0)
 if DATABASE_URL:
-    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 0, minimum=0))}
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=DATABASE_CONN_MAX_AGE, conn_health_checks=True)}
 else:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES = {
@@ -87,6 +90,8 @@ else:
             "NAME": str(VAR_DIR / "gantry.sqlite3"),
             # Several threads write (web requests, background work): wait for the lock, don't fail.
             "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"},
+            "CONN_MAX_AGE": DATABASE_CONN_MAX_AGE,
+            "CONN_HEALTH_CHECKS": True,
         }
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -123,6 +128,9 @@ LOGIN_URL = "/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/login/"
 SESSION_COOKIE_NAME = "session_id"
+# Sessions are kept in the database and read through the cache (Redis in production, shared by every
+# process; the one web process's memory embedded): a request no longer pays a query for its session.
+SESSION_ENGINE = "django.contrib.sessions.backends.cached_db"
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SAMESITE = "Lax"
 SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", False)
@@ -159,6 +167,8 @@ TABBY_READ_TIMEOUT = env_float("TABBY_READ_TIMEOUT", 120.0, minimum=1.0)
 GANTRY_MAX_MESSAGE_CHARS = env_int("GANTRY_MAX_MESSAGE_CHARS", 32_000, minimum=1)
 GANTRY_MAX_ANSWER_TOKENS = env_int("GANTRY_MAX_ANSWER_TOKENS", 512, minimum=1)
 GANTRY_MAX_CONCURRENT_GENERATIONS = env_int("GANTRY_MAX_CONCURRENT_GENERATIONS", 8, minimum=1)
+# Threads serving pages and the chat API in each web process (see gantry/serving.py).
+GANTRY_WEB_THREADS = env_int("GANTRY_WEB_THREADS", 2, minimum=1)
 GANTRY_MAX_QUEUED = env_int("GANTRY_MAX_QUEUED", 1000, minimum=1)
 GANTRY_LOGIN_MAX_FAILURES = env_int("GANTRY_LOGIN_MAX_FAILURES", 5, minimum=1)
 GANTRY_LOGIN_LOCKOUT = env_int("GANTRY_LOGIN_LOCKOUT", 300, minimum=1)

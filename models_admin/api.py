@@ -1,4 +1,5 @@
-"""The admin API (contract: gantry-api.md). Async views: a caller waiting for a switch holds no thread.
+"""The admin API (contract: gantry-api.md). Switch and unload are async views: a caller waiting for a
+switch holds no thread.
 
 Anonymous callers get 401, users who are not admins 403. Scripts (no `Origin` header) need no CSRF
 token; a browser request must come from this site and carry the CSRF token.
@@ -9,23 +10,26 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import wraps
 from typing import Any
 
-from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
 from django.conf import settings
 from django.http import HttpRequest, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
+from gantry.broadcast import MODELS_GROUP
+from gantry.serving import in_web_thread
 from models_admin import operations
 from models_admin.models import Operation
 from models_admin.services import default_backend, model_rows
 
 SWITCH_FAILED = "Failed to switch model. Is TabbyAPI available?"
 UNLOAD_FAILED = "Failed to unload the model. Is TabbyAPI available?"
-View = Callable[..., Any]  # an async view (Django's URL stubs know only sync ones)
+View = Callable[..., Any]
 
 
 def detail(message: str, status: int, **extra: Any) -> JsonResponse:
@@ -42,26 +46,31 @@ def _csrf_refusal(request: HttpRequest) -> str | None:
     return "CSRF token missing or incorrect." if reason is not None else None
 
 
+def _refusal(request: HttpRequest) -> JsonResponse | None:
+    """401 for anonymous callers, 403 for users who are not admins and for refused browser POSTs."""
+    user = request.user
+    if not user.is_authenticated:
+        return detail("Log in as an admin first (POST /api/auth/login).", 401)
+    if not user.is_staff:
+        return detail("Only admins can manage models.", 403)
+    if request.method == "POST" and (refusal := _csrf_refusal(request)):
+        return detail(refusal, 403)
+    return None
+
+
 def admin_only(view: View) -> View:
     @csrf_exempt
     @wraps(view)
-    async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
-        user = await request.auser()
-        if not user.is_authenticated:
-            return detail("Log in as an admin first (POST /api/auth/login).", 401)
-        if not user.is_staff:
-            return detail("Only admins can manage models.", 403)
-        if request.method == "POST" and (refusal := await sync_to_async(_csrf_refusal)(request)):
-            return detail(refusal, 403)
-        return await view(request, user, *args, **kwargs)
+    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
+        return _refusal(request) or view(request, *args, **kwargs)
 
     return wrapper
 
 
 @require_GET
 @admin_only
-async def models(request: HttpRequest, user: Any) -> JsonResponse:
-    return JsonResponse({"models": await sync_to_async(lambda: model_rows(default_backend()))()})
+def models(request: HttpRequest) -> JsonResponse:
+    return JsonResponse({"models": model_rows(default_backend())})
 
 
 def _body(request: HttpRequest) -> dict[str, Any] | None:
@@ -72,49 +81,80 @@ def _body(request: HttpRequest) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
+def _source(request: HttpRequest) -> str:
+    return Operation.Source.DASHBOARD if request.headers.get("X-Gantry-Source") == "dashboard" else Operation.Source.API
+
+
+# Switch and unload answer when the operation is over. Each is an async view in two parts: the checks
+# and the request, in one web thread (gantry.serving); then the wait, on the event loop, holding no thread.
+
+
 @require_POST
-@admin_only
-async def switch(request: HttpRequest, user: Any) -> JsonResponse:
+@csrf_exempt
+async def switch(request: HttpRequest) -> JsonResponse:
+    started = await in_web_thread(_start_switch, request)
+    if isinstance(started, JsonResponse):
+        return started
+    operation = await wait_for(started.operation_id)
+    if operation.status != Operation.Status.SUCCEEDED:
+        return failure(operation, SWITCH_FAILED)
+    return started.answer
+
+
+@require_POST
+@csrf_exempt
+async def unload(request: HttpRequest) -> JsonResponse:
+    started = await in_web_thread(_start_unload, request)
+    if isinstance(started, JsonResponse):
+        return started
+    operation = await wait_for(started.operation_id)
+    if operation.status != Operation.Status.SUCCEEDED:
+        return failure(operation, UNLOAD_FAILED)
+    return started.answer
+
+
+@dataclass(frozen=True)
+class Started:
+    operation_id: int
+    answer: JsonResponse  # once the operation has succeeded
+
+
+def _start_switch(request: HttpRequest) -> Started | JsonResponse:
+    if refusal := _refusal(request):
+        return refusal
     body = _body(request)
     model_id = body.get("model_id") if body is not None else None
     if not isinstance(model_id, str) or not model_id:
         return detail('Send a JSON body like {"model_id": "<model name>"}.', 400)
-    source = Operation.Source.DASHBOARD if request.headers.get("X-Gantry-Source") == "dashboard" else Operation.Source.API
     try:
-        operation = await sync_to_async(operations.request_switch)(model_id, user, source)
+        operation = operations.request_switch(model_id, request.user, _source(request))
     except operations.UnknownModel:
         return detail(f"There is no model named {model_id}.", 404)
     except operations.OperationConflict as exc:
-        return detail(f"Another operation is running ({exc.running.kind} to {exc.running.to_model or 'nothing'}); try again when it ends.", 409, operation_id=exc.running.pk)
-    if operation is not None:
-        operation = await wait_for(operation.pk)
-        if operation.status != Operation.Status.SUCCEEDED:
-            return failure(operation, SWITCH_FAILED)
-    return JsonResponse({"message": f"Model switched to {model_id}", "model_id": model_id})
+        running = exc.running
+        message = f"Another operation is running ({running.kind} to {running.to_model or 'nothing'}); try again when it ends."
+        return detail(message, 409, operation_id=running.pk)
+    answer = JsonResponse({"message": f"Model switched to {model_id}", "model_id": model_id})
+    return answer if operation is None else Started(operation.pk, answer)
 
 
-@require_POST
-@admin_only
-async def unload(request: HttpRequest, user: Any) -> JsonResponse:
-    source = Operation.Source.DASHBOARD if request.headers.get("X-Gantry-Source") == "dashboard" else Operation.Source.API
+def _start_unload(request: HttpRequest) -> Started | JsonResponse:
+    if refusal := _refusal(request):
+        return refusal
     try:
-        operation = await sync_to_async(operations.request_unload)(user, source)
+        operation = operations.request_unload(request.user, _source(request))
     except operations.OperationConflict as exc:
         return detail("A model switch is running; unload when it ends.", 409, operation_id=exc.running.pk)
-    if operation is not None:
-        operation = await wait_for(operation.pk)
-        if operation.status != Operation.Status.SUCCEEDED:
-            return failure(operation, UNLOAD_FAILED)
-    return JsonResponse({"message": "Model unloaded successfully"})
+    answer = JsonResponse({"message": "Model unloaded successfully"})
+    return answer if operation is None else Started(operation.pk, answer)
 
 
 @require_POST
 @admin_only
-async def refresh(request: HttpRequest, user: Any) -> JsonResponse:
+def refresh(request: HttpRequest) -> JsonResponse:
     from models_admin.services import sync_models
 
-    backend = await sync_to_async(sync_models)()
-    return JsonResponse({"models": await sync_to_async(model_rows)(backend)})
+    return JsonResponse({"models": model_rows(sync_models())})
 
 
 def failure(operation: Operation, message: str) -> JsonResponse:
@@ -123,13 +163,48 @@ def failure(operation: Operation, message: str) -> JsonResponse:
 
 
 async def wait_for(operation_id: int) -> Operation:
-    """Wait (without a thread) until the operation ends; a dead worker is noticed through its heartbeat."""
-    get = sync_to_async(lambda: Operation.objects.get(pk=operation_id))
-    while True:
-        operation = await get()
-        if operation.status != Operation.Status.RUNNING:
-            return operation
-        if await sync_to_async(Operation.objects.stale(settings.GANTRY_OPERATION_STALE_AFTER).filter(pk=operation_id).exists)():
-            await sync_to_async(operations.reconcile_stale_operations)()
-            continue
-        await asyncio.sleep(0.02)  # a cheap indexed read; keeps the answer within ~20 ms of the end
+    """Wait, holding no thread, until the operation ends.
+
+    The models group's state events wake the wait (the operation may run in another process); the
+    database says whether it has ended, read at least every WAIT_CHECK_EVERY seconds, which also
+    notices a dead worker through the operation's heartbeat.
+    """
+    layer = get_channel_layer()
+    channel = await layer.new_channel() if layer is not None else None
+    if channel is not None:
+        await layer.group_add(MODELS_GROUP, channel)  # before the first read: no state event is missed
+    try:
+        while True:
+            operation = await in_web_thread(_ended_or_none, operation_id)
+            if operation is not None:
+                return operation
+            await _state_event(layer, channel, WAIT_CHECK_EVERY)
+    finally:
+        if channel is not None:
+            await layer.group_discard(MODELS_GROUP, channel)
+
+
+WAIT_CHECK_EVERY = 1.0  # seconds
+
+
+def _ended_or_none(operation_id: int) -> Operation | None:
+    operation = Operation.objects.get(pk=operation_id)
+    if (
+        operation.status == Operation.Status.RUNNING
+        and Operation.objects.stale(settings.GANTRY_OPERATION_STALE_AFTER).filter(pk=operation_id).exists()
+    ):
+        operations.reconcile_stale_operations()
+        operation.refresh_from_db()
+    return None if operation.status == Operation.Status.RUNNING else operation
+
+
+async def _state_event(layer: Any, channel: str | None, timeout: float) -> None:
+    """Return at the next model.state event, or after `timeout` seconds."""
+    try:
+        async with asyncio.timeout(timeout):
+            if channel is None:
+                await asyncio.sleep(timeout)
+            while (await layer.receive(channel))["type"] != "model.state":
+                pass
+    except TimeoutError:
+        pass

@@ -71,10 +71,13 @@ class OperationQuerySet(models.QuerySet):
         """Running operations whose worker has given no sign of life for `seconds`."""
         return self.running().filter(heartbeat__lt=timezone.now() - timedelta(seconds=seconds))
 
+    def successful_loads(self, model_name: Any) -> OperationQuerySet:
+        """The model's successful loads with their duration, newest first (`model_name` may be an OuterRef)."""
+        return self.filter(to_model=model_name, status=Operation.Status.SUCCEEDED, load_seconds__isnull=False).order_by("-finished")
+
     def load_seconds(self, model_name: str, limit: int = 5) -> list[float]:
         """How long the last successful loads of a model took (for the time-left estimate)."""
-        rows = self.filter(to_model=model_name, status=Operation.Status.SUCCEEDED, load_seconds__isnull=False)
-        return [float(v) for v in rows.order_by("-finished").values_list("load_seconds", flat=True)[:limit]]
+        return [float(v) for v in self.successful_loads(model_name).values_list("load_seconds", flat=True)[:limit]]
 
 
 class Operation(models.Model):

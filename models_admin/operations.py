@@ -53,6 +53,7 @@ class Stalled(Exception):
 def request_switch(model_name: str, user: Any = None, source: str = Operation.Source.API) -> Operation | None:
     """Start a switch (or join the running switch to the same model); None when it is already active."""
     backend = default_backend()
+    _refuse_while_running(backend, Operation.Kind.SWITCH, model_name)
     known = LanguageModel.objects.filter(backend=backend, name=model_name, present=True).exists()
     confirmed = False
     if not known or (backend.is_ready and backend.active_model == model_name):
@@ -76,6 +77,7 @@ def request_switch(model_name: str, user: Any = None, source: str = Operation.So
 def request_unload(user: Any = None, source: str = Operation.Source.API) -> Operation | None:
     """Start an unload (or join the running one); None when nothing is loaded."""
     backend = default_backend()
+    _refuse_while_running(backend, Operation.Kind.UNLOAD, "")
     confirmed = not backend.is_busy and _confirm_with_tabby()
     with transaction.atomic():
         backend = Backend.objects.select_for_update().get(pk=default_backend().pk)
@@ -87,6 +89,18 @@ def request_unload(user: Any = None, source: str = Operation.Source.API) -> Oper
         if confirmed and backend.state == Backend.State.UNLOADED and not backend.active_model:
             return None
         return _begin(backend, Operation.Kind.UNLOAD, "", user, source)
+
+
+def _refuse_while_running(backend: Backend, kind: str, model_name: str) -> None:
+    """Refuse at once, without the backend's row lock, when another operation is seen running.
+
+    Taking the lock would queue the refusals behind the running operation's progress writes (SQLite's
+    lock waits back off by up to 100 ms); an operation seen running cannot be the caller's to start.
+    The locked check below still decides every request that gets past this one.
+    """
+    running = _running(backend)
+    if running is not None and not (running.kind == kind and running.to_model == model_name):
+        raise OperationConflict(running)
 
 
 def _confirm_with_tabby() -> bool:
@@ -106,8 +120,13 @@ def _begin(backend: Backend, kind: str, model_name: str, user: Any, source: str)
     from models_admin import tasks
 
     operation = Operation.objects.create(
-        backend=backend, kind=kind, source=source, from_model=backend.active_model, to_model=model_name,
-        requested_by=user if user is not None and user.is_authenticated else None, text="Waiting to start...",
+        backend=backend,
+        kind=kind,
+        source=source,
+        from_model=backend.active_model,
+        to_model=model_name,
+        requested_by=user if user is not None and user.is_authenticated else None,
+        text="Waiting to start...",
     )
     backend.state = Backend.State.SWITCHING if kind == Operation.Kind.SWITCH else Backend.State.UNLOADING
     backend.target_model = model_name
@@ -126,23 +145,54 @@ def _announce_begin(backend: Backend) -> None:
 # Runs
 
 
+# Chat pages show a banner, not the bar: they get a progress event at most this often (and every step).
+CHAT_PROGRESS_EVERY = 0.5  # seconds
+# The operation's row (its progress and heartbeat) is saved at most this often within a step.
+SAVE_PROGRESS_EVERY = 0.25  # seconds
+
+
 @dataclass
 class Reporter:
-    """Saves and broadcasts an operation's progress; its saves are also the heartbeat."""
+    """Saves and broadcasts an operation's progress; its saves are also the heartbeat.
+
+    Every event goes to the Models pages (the bar moves module by module); chat pages and the database
+    get the latest one at a bounded rate, so a model of many modules costs the web process little.
+    """
 
     operation: Operation
     load_started: float = 0.0
+    loading: str = ""  # the model being loaded (the target, or the previous one when rolling back)
+    _past_loads: list[float] | None = None
+    _last_step: str = ""
+    _last_saved: float = 0.0
+    _last_to_chat: float = 0.0
 
     def report(self, step: str, percent: float, text: str, module: int = 0, modules: int = 0) -> None:
         op = self.operation
+        new_step, now = step != self._last_step, time.monotonic()
         op.step, op.percent, op.text, op.heartbeat = step, round(percent, 1), text, timezone.now()
-        op.save(update_fields=["step", "percent", "text", "heartbeat"])
+        if new_step or now - self._last_saved >= SAVE_PROGRESS_EVERY or percent >= 100:
+            op.save(update_fields=["step", "percent", "text", "heartbeat"])
+            self._last_saved = now
         event = ModelProgressEvent(
-            type="model.progress", operation_id=op.pk, step=step, model=op.to_model or op.from_model or None,
-            percent=op.percent, module=module, modules=modules, text=text, eta_seconds=self.eta(module, modules),
+            type="model.progress",
+            operation_id=op.pk,
+            step=step,
+            model=op.to_model or op.from_model or None,
+            percent=op.percent,
+            module=module,
+            modules=modules,
+            text=text,
+            eta_seconds=self.eta(module, modules),
         )
         broadcast(MODELS_GROUP, event)
-        broadcast(CHAT_GROUP, event)
+        if new_step or now - self._last_to_chat >= CHAT_PROGRESS_EVERY:
+            broadcast(CHAT_GROUP, event)
+            self._last_to_chat = now
+        self._last_step = step
+
+    def start_load(self, model: str) -> None:
+        self.load_started, self.loading, self._past_loads = time.monotonic(), model, None
 
     def beat(self) -> None:
         Operation.objects.filter(pk=self.operation.pk).update(heartbeat=timezone.now())
@@ -152,9 +202,10 @@ class Reporter:
         if self.operation.step not in ("loading", "rolling_back") or not self.load_started:
             return None
         elapsed = time.monotonic() - self.load_started
-        past = Operation.objects.load_seconds(self.operation.to_model)
-        if past:
-            return round(max(0.0, statistics.median(past) - elapsed), 1)
+        if self._past_loads is None:
+            self._past_loads = Operation.objects.load_seconds(self.loading)
+        if self._past_loads:
+            return round(max(0.0, statistics.median(self._past_loads) - elapsed), 1)
         if module and modules:
             return round(elapsed * (modules - module) / module, 1)
         return None
@@ -252,7 +303,7 @@ def _unload(client: TabbyClient, reporter: Reporter) -> None:
 
 def _load(client: TabbyClient, reporter: Reporter, model: str, step: str, template: str) -> None:
     text = template.format(model=model)
-    reporter.load_started = time.monotonic()
+    reporter.start_load(model)
     reporter.report(step, 40, text)
     for event in watched(client.load(model), settings.GANTRY_SWITCH_TIMEOUT, reporter.beat):
         if event["model_type"] == "model":
@@ -318,7 +369,11 @@ def _finish(op: Operation, status: str, active: str) -> None:
         if active:
             backend.state = Backend.State.READY
         else:
-            backend.state = Backend.State.UNLOADED if status == Operation.Status.SUCCEEDED or op.error_kind != "unreachable" else Backend.State.FAILED
+            backend.state = (
+                Backend.State.UNLOADED
+                if status == Operation.Status.SUCCEEDED or op.error_kind != "unreachable"
+                else Backend.State.FAILED
+            )
         backend.save(update_fields=["state", "active_model", "target_model", "operation", "updated"])
     announce_state(backend)
 
@@ -332,7 +387,9 @@ def reconcile_stale_operations() -> int:
     for op in stale:
         with transaction.atomic():
             claimed = Operation.objects.filter(pk=op.pk, status=Operation.Status.RUNNING).update(
-                status=Operation.Status.FAILED, finished=timezone.now(), error_kind="interrupted",
+                status=Operation.Status.FAILED,
+                finished=timezone.now(),
+                error_kind="interrupted",
                 error="The operation was interrupted: the process running it stopped.",
             )
             if claimed:

@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from django.conf import settings
 from django.db import transaction
+from django.db.models import OuterRef, Subquery
 from django.utils import timezone
 
 from gantry.broadcast import CHAT_GROUP, MODELS_GROUP, ModelListEvent, ModelStateEvent, broadcast
@@ -108,19 +109,18 @@ def _record_models(backend: Backend, names: list[str]) -> bool:
 
 
 def model_rows(backend: Backend) -> list[dict[str, Any]]:
-    """The model list as the admin API and the Models tab show it."""
-    rows = []
-    for model in LanguageModel.objects.filter(backend=backend, present=True).order_by("name"):
-        past = Operation.objects.load_seconds(model.name, limit=1)
-        rows.append(
-            {
-                "id": model.name,
-                "name": model.name,
-                "active": backend.active_model == model.name and backend.state == Backend.State.READY,
-                "last_load_seconds": past[0] if past else None,
-            }
-        )
-    return rows
+    """The model list as the admin API and the Models tab show it (one query)."""
+    last_load = Operation.objects.successful_loads(OuterRef("name")).values("load_seconds")[:1]
+    models = LanguageModel.objects.filter(backend=backend, present=True).annotate(last_load=Subquery(last_load))
+    return [
+        {
+            "id": model.name,
+            "name": model.name,
+            "active": backend.active_model == model.name and backend.state == Backend.State.READY,
+            "last_load_seconds": float(model.last_load) if model.last_load is not None else None,
+        }
+        for model in models.order_by("name")
+    ]
 
 
 def announce_state(backend: Backend) -> None:
@@ -135,7 +135,7 @@ def announce_state(backend: Backend) -> None:
     broadcast(MODELS_GROUP, event)
 
 
-def backend_event() -> dict[str, Any]:
+def backend_event(backend: Backend | None = None) -> dict[str, Any]:
     """The backend's state as the `model.state` event carries it (without `type`)."""
-    backend = default_backend()
+    backend = backend or default_backend()
     return {**backend.as_event(), "operation_id": backend.operation_id}

@@ -19,7 +19,7 @@ def models_tab(request: HttpRequest) -> HttpResponse:
     context = {
         "tab": "models",
         "rows": model_rows(backend),
-        "state": backend_event(),
+        "state": backend_event(backend),
         "running": {"id": running.pk, "kind": running.kind, "to_model": running.to_model, "step": running.step,
                     "percent": running.percent, "text": running.text} if running else None,
     }

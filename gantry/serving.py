@@ -1,0 +1,113 @@
+"""How HTTP requests are served: sync views in a thread each, async views on the event loop.
+
+Under Django's ASGI handler a sync view pays a hop between the event loop and a thread for every
+middleware hook (and WhiteNoise, which is sync only, adds an async_to_sync round trip): a dozen hand-offs
+a request, each waiting for the GIL while other requests run. Here a sync view's request body is read on
+the loop, then the whole WSGI application (middleware chain, view, response) runs in one thread of a
+bounded pool, and the answer is sent from the loop. Async views (the admin API, whose switch call waits
+for the switch) go to a Django ASGI handler with middleware that runs on the loop, so a waiting call
+holds no thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable
+from functools import lru_cache
+from tempfile import SpooledTemporaryFile
+from typing import IO, Any, TypeVar
+
+from asgiref.sync import iscoroutinefunction
+from asgiref.wsgi import WsgiToAsgiInstance
+from django.conf import settings
+from django.core.handlers.asgi import ASGIHandler
+from django.db import close_old_connections
+from django.urls import Resolver404, resolve
+
+BODY_IN_MEMORY = 65536  # bytes of a request body kept in memory before it spills to a temporary file
+ASYNC_VIEW_MIDDLEWARE = ["gantry.middleware.AsyncViewMiddleware"]
+T = TypeVar("T")
+
+
+@lru_cache(maxsize=1024)
+def is_async_view(path: str) -> bool:
+    """Whether the URL's view is a coroutine function (unknown paths, static files: no)."""
+    try:
+        return iscoroutinefunction(resolve(path).func)
+    except Resolver404:
+        return False
+
+
+_web_threads: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def web_threads() -> concurrent.futures.ThreadPoolExecutor:
+    """The process's threads for sync request work, first come first served.
+
+    Few threads: the work holds the GIL, so more threads add no throughput, only a longer tail (all
+    requests in progress share the interpreter and finish late together); GANTRY_WEB_THREADS.
+    """
+    global _web_threads
+    if _web_threads is None:
+        _web_threads = concurrent.futures.ThreadPoolExecutor(settings.GANTRY_WEB_THREADS, thread_name_prefix="gantry-web")
+    return _web_threads
+
+
+async def in_web_thread(func: Callable[..., T], *args: Any) -> T:
+    """Run an async view's sync part (database work) in a web thread, in turn with the sync views."""
+    return await asyncio.get_running_loop().run_in_executor(web_threads(), _with_connections, func, args)
+
+
+def _with_connections(func: Callable[..., T], args: tuple[Any, ...]) -> T:
+    close_old_connections()  # as a request does at its start and end: drop broken or expired connections
+    try:
+        return func(*args)
+    finally:
+        close_old_connections()
+
+
+class ThreadedWSGI:
+    """An ASGI application running a WSGI application in the web threads, one thread a request."""
+
+    def __init__(self, wsgi_application: Any) -> None:
+        self.wsgi_application = wsgi_application
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        with SpooledTemporaryFile(max_size=BODY_IN_MEMORY) as body:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return  # the client went away before it finished sending
+                body.write(message.get("body", b""))
+                if not message.get("more_body"):
+                    break
+            body.seek(0)
+            loop = asyncio.get_running_loop()
+            start, content = await loop.run_in_executor(web_threads(), self._respond, scope, body)
+        await send(start)
+        await send({"type": "http.response.body", "body": content})
+
+    def _respond(self, scope: dict[str, Any], body: IO[bytes]) -> tuple[dict[str, Any], bytes]:
+        # asgiref's adapter builds the WSGI environ and reads start_response; its sending is not used.
+        instance = WsgiToAsgiInstance(self.wsgi_application)
+        instance.scope = scope
+        result = self.wsgi_application(instance.build_environ(scope, body), instance.start_response)
+        try:
+            content = b"".join(result)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()  # Django's request_finished: the thread's database connections are closed here
+        return instance.response_start, content
+
+
+def async_view_handler() -> ASGIHandler:
+    """Django's ASGI handler with the async views' own middleware (Django reads the list from the
+    settings while it builds the handler, once, at start)."""
+    pages_middleware = settings.MIDDLEWARE
+    settings.MIDDLEWARE = ASYNC_VIEW_MIDDLEWARE
+    try:
+        return ASGIHandler()
+    finally:
+        settings.MIDDLEWARE = pages_middleware
