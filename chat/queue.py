@@ -20,7 +20,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from chat.models import ANSWER_HEARTBEAT_SECONDS, Message
+from chat.models import ANSWER_HEARTBEAT_SECONDS, Message, heartbeat_cutoff
 from gantry.background import spawn
 from gantry.broadcast import MessageEvent, QueuedEvent, broadcast, conversation_group
 from models_admin.models import Backend
@@ -72,21 +72,22 @@ async def release() -> None:
     schedule_positions()
 
 
-def release_here() -> None:
+def release_here(backend: Backend | None = None) -> None:
     """release() from a request's thread: the message just posted starts without waiting for a hop
     onto the serving loop and back into a thread (its first token waits on every hop)."""
     from chat.services import generate
 
-    while (claimed := claim_next()) is not None:
+    while (claimed := claim_next(backend)) is not None:
         spawn(generate(*claimed))
     schedule_positions()
 
 
-def claim_next() -> tuple[Message, Message, list[dict[str, str]]] | None:
+def claim_next(backend: Backend | None = None) -> tuple[Message, Message, list[dict[str, str]]] | None:
     """Claim the oldest message that may be answered now, if the model is ready and a slot is free."""
     from chat.services import claim
 
-    backend = default_backend()
+    if backend is None or not backend.is_ready:
+        backend = default_backend()  # a caller's "ready" is checked again below, under the lock; not so "not ready"
     if not backend.is_ready:
         return None
     with transaction.atomic():
@@ -94,18 +95,20 @@ def claim_next() -> tuple[Message, Message, list[dict[str, str]]] | None:
         # conversations counted here stay true until the claim.
         if not Backend.objects.select_for_update().get(pk=backend.pk).is_ready:
             return None
-        free = settings.GANTRY_MAX_CONCURRENT_GENERATIONS - Message.objects.answering().count()
+        cutoff = heartbeat_cutoff()
+        generating = list(Message.objects.generating().values_list("conversation_id", "updated"))
+        free = settings.GANTRY_MAX_CONCURRENT_GENERATIONS - sum(1 for _, updated in generating if updated >= cutoff)
         if free <= 0:
             return None
-        busy = set(Message.objects.filter(role=Message.Role.USER, status=Message.Status.GENERATING).values_list("conversation_id", flat=True))
-        for message_id, conversation_id in waiting().order_by("created", "id").values_list("id", "conversation_id")[: free + 50]:
+        busy = {conversation_id for conversation_id, _ in generating}
+        for message in waiting().order_by("created", "id")[: free + 50]:
             # One answer at a time per conversation: a later question needs the earlier answer as context.
-            if conversation_id in busy:
+            if message.conversation_id in busy:
                 continue
-            claimed = claim(message_id)
+            claimed = claim(message)
             if claimed is not None:
                 return claimed
-            busy.add(conversation_id)
+            busy.add(message.conversation_id)
     return None
 
 

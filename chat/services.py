@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from contextlib import aclosing
+from functools import partial
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -87,6 +88,7 @@ def post_message(conversation: Conversation, content: str) -> Message:
     if len(content) > limit:
         raise ValidationError(f"This message has {len(content):,} characters; the limit is {limit:,}. Shorten it and send again.")
     check_capacity()
+    backend = default_backend()
     with transaction.atomic():
         message = Message.objects.create(
             conversation=conversation, role=Message.Role.USER, content=content, status=Message.Status.QUEUED
@@ -95,8 +97,9 @@ def post_message(conversation: Conversation, content: str) -> Message:
             conversation.title = " ".join(content.split())[:60]
         conversation.save(update_fields=["title", "updated"])
     _send_message(message)
-    transaction.on_commit(release_here)  # at once, unless a caller's transaction is still open
-    backend = default_backend()
+    transaction.on_commit(partial(release_here, backend))  # at once, unless a caller's transaction is open
+    if not backend.is_ready:
+        backend = default_backend()  # it may have become ready meanwhile (its release then took this message)
     if not backend.is_ready:
         # Held: tell the author where the message stands (the release updates it as the queue moves).
         event = QueuedEvent(type="chat.queued", message_id=message.pk, position=position(message))
@@ -153,16 +156,14 @@ def _cancel_local(message_id: int) -> None:
 # Generation
 
 
-def claim(message_id: int) -> tuple[Message, Message, list[dict[str, str]]] | None:
+def claim(question: Message) -> tuple[Message, Message, list[dict[str, str]]] | None:
     """Take a queued message for answering (exactly once across processes); make its answer row."""
     # Claiming is the answer's first heartbeat: a message held longer than ANSWER_HEARTBEAT_SECONDS would
     # otherwise look orphaned (and be queued again) before its first save.
-    claimed = Message.objects.filter(pk=message_id, status=Message.Status.QUEUED).update(
-        status=Message.Status.GENERATING, updated=timezone.now()
-    )
-    if not claimed:
+    now = timezone.now()
+    if not Message.objects.filter(pk=question.pk, status=Message.Status.QUEUED).update(status=Message.Status.GENERATING, updated=now):
         return None
-    question = Message.objects.get(pk=message_id)
+    question.status, question.updated = Message.Status.GENERATING, now
     reply = Message.objects.filter(reply_to=question).first()  # a retried message reuses its answer row
     if reply is None:
         reply = Message.objects.create(
@@ -300,13 +301,14 @@ async def _heartbeat() -> None:
     global _heartbeat_task
     try:
         while _running:
-            ids = list(_running)
-            await sync_to_async(
-                lambda: Message.objects.filter(pk__in=ids, status=Message.Status.GENERATING).update(updated=timezone.now())
-            )()
+            await sync_to_async(_touch)(list(_running))
             await asyncio.sleep(HEARTBEAT_EVERY)
     finally:
         _heartbeat_task = None
+
+
+def _touch(question_ids: list[int]) -> None:
+    Message.objects.filter(pk__in=question_ids, status=Message.Status.GENERATING).update(updated=timezone.now())
 
 
 def _start_heartbeat() -> None:
