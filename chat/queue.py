@@ -72,14 +72,18 @@ async def release() -> None:
     schedule_positions()
 
 
-def release_here(backend: Backend | None = None) -> None:
+def release_here(backend: Backend | None = None) -> set[int]:
     """release() from a request's thread: the message just posted starts without waiting for a hop
-    onto the serving loop and back into a thread (its first token waits on every hop)."""
+    onto the serving loop and back into a thread (its first token waits on every hop). Returns the
+    ids of the questions it started."""
     from chat.services import generate
 
+    started = set()
     while (claimed := claim_next(backend)) is not None:
         spawn(generate(*claimed))
+        started.add(claimed[0].pk)
     schedule_positions()
+    return started
 
 
 def claim_next(backend: Backend | None = None) -> tuple[Message, Message, list[dict[str, str]]] | None:

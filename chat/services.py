@@ -31,6 +31,7 @@ from gantry.broadcast import (
     conversation_group,
     user_group,
 )
+from models_admin.models import Backend
 from models_admin.services import async_client, default_backend
 from models_admin.tabby_client import BackendBadResponse, BackendError, BackendUnavailable, GenerationFailed, NoModelLoaded
 from models_admin.tasks import refresh_models
@@ -96,8 +97,7 @@ def post_message(conversation: Conversation, content: str) -> Message:
         if conversation.title == "New conversation":
             conversation.title = " ".join(content.split())[:60]
         conversation.save(update_fields=["title", "updated"])
-    _send_message(message)
-    transaction.on_commit(partial(release_here, backend))  # at once, unless a caller's transaction is open
+    transaction.on_commit(partial(_start_or_hold, message, backend))  # at once, unless a caller's transaction is open
     if not backend.is_ready:
         backend = default_backend()  # it may have become ready meanwhile (its release then took this message)
     if not backend.is_ready:
@@ -111,6 +111,13 @@ def post_message(conversation: Conversation, content: str) -> Message:
         ConversationEvent(type="chat.conversation", conversation=conversation.as_event(), deleted=False),
     )
     return message
+
+
+def _start_or_hold(message: Message, backend: Backend) -> None:
+    """Start the answer now if it can start (its question then first shows as "generating"); else
+    show the message as queued."""
+    if message.pk not in release_here(backend):
+        _send_message(message)
 
 
 def stop_message(message: Message) -> Message:
@@ -233,11 +240,18 @@ def _too_long(exc: BackendError) -> bool:
     return isinstance(exc, BackendBadResponse) and exc.status == 400 and "context length" in exc.message.lower()
 
 
-async def _answer_within_context(history: list[dict[str, str]], reply: Message, pieces: list[str], group: str) -> str:
+async def _announce(group: str, question: Message, reply: Message) -> None:
+    await abroadcast(group, MessageEvent(type="chat.message", message=question.as_event()))
+    await abroadcast(group, MessageEvent(type="chat.message", message=reply.as_event()))
+
+
+async def _answer_within_context(
+    history: list[dict[str, str]], reply: Message, pieces: list[str], group: str, announced: asyncio.Task[None]
+) -> str:
     """Stream the answer; when the conversation outgrows the model's context, drop its oldest turns."""
     while True:
         try:
-            return await _stream(history, reply, pieces, group)
+            return await _stream(history, reply, pieces, group, announced)
         except BackendBadResponse as exc:
             if not (_too_long(exc) and len(history) > 1 and not pieces):
                 raise
@@ -247,8 +261,8 @@ async def _answer_within_context(history: list[dict[str, str]], reply: Message, 
 async def generate(question: Message, reply: Message, history: list[dict[str, str]]) -> None:
     """Stream the answer to a claimed question to the conversation's pages, saving it as it grows."""
     group = conversation_group(question.conversation_id)
-    await abroadcast(group, MessageEvent(type="chat.message", message=question.as_event()))
-    await abroadcast(group, MessageEvent(type="chat.message", message=reply.as_event()))
+    # The pages learn that the answer started while the request to TabbyAPI is on its way, not before.
+    announced = asyncio.get_running_loop().create_task(_announce(group, question, reply))
     task = asyncio.current_task()
     assert task is not None
     _running[question.pk] = task
@@ -256,7 +270,7 @@ async def generate(question: Message, reply: Message, history: list[dict[str, st
     pieces: list[str] = []
     status, error, model = Message.Status.DONE, "", ""
     try:
-        model = await _answer_within_context(history, reply, pieces, group)
+        model = await _answer_within_context(history, reply, pieces, group, announced)
     except (asyncio.CancelledError, _Stopped):
         status = Message.Status.CANCELLED
     except BackendError as exc:
@@ -266,6 +280,7 @@ async def generate(question: Message, reply: Message, history: list[dict[str, st
             status = Message.Status.QUEUED
     finally:
         _running.pop(question.pk, None)
+    await announced  # before any later event
     if status == Message.Status.QUEUED:
         await abroadcast(group, DoneEvent(type="chat.done", message_id=reply.pk, status=Message.Status.CANCELLED))
         wake()
@@ -325,7 +340,9 @@ def _fresh_event(message_id: int) -> dict[str, Any]:
     return Message.objects.get(pk=message_id).as_event()
 
 
-async def _stream(history: list[dict[str, str]], reply: Message, pieces: list[str], group: str) -> str:
+async def _stream(
+    history: list[dict[str, str]], reply: Message, pieces: list[str], group: str, announced: asyncio.Task[None]
+) -> str:
     last_save = time.monotonic()
     model = ""
     async with async_client() as client, aclosing(client.stream_chat(history, max_tokens=settings.GANTRY_MAX_ANSWER_TOKENS)) as stream:
@@ -336,6 +353,7 @@ async def _stream(history: list[dict[str, str]], reply: Message, pieces: list[st
             text = delta.text.replace("\x00", "")
             if text:
                 pieces.append(text)
+                await announced  # the answer's message before its first token
                 await abroadcast(group, TokenEvent(type="chat.token", message_id=reply.pk, text=text))
             if time.monotonic() - last_save >= SAVE_EVERY:
                 last_save = time.monotonic()
