@@ -5,17 +5,30 @@ from __future__ import annotations
 from typing import Any
 
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from chat.models import Conversation
 from gantry.broadcast import CHAT_GROUP, conversation_group, user_group
+from gantry.sockets import EventConsumer
 from models_admin.services import backend_event
 
 
-class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
+class ChatConsumer(EventConsumer):
     """`ws/chat/` (sidebar and banner) or `ws/chat/<conversation_id>/` (that conversation too)."""
 
     groups: list[str] = []
+    forwarded = frozenset(
+        {
+            "chat.message",
+            "chat.queued",
+            "chat.token",
+            "chat.done",
+            "chat.error",
+            "chat.conversation",
+            "model.state",
+            "model.progress",
+            "model.list",
+        }
+    )
 
     async def connect(self) -> None:
         user = self.scope["user"]
@@ -38,16 +51,6 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         for group in self.groups:
             await self.channel_layer.group_discard(group, self.channel_name)
 
-    async def receive_json(self, content: Any, **kwargs: Any) -> None:
-        pass  # actions go through the HTTP API; this socket only carries events to the page
-
     @database_sync_to_async
     def _owns(self, user: Any, conversation_id: int) -> bool:
         return Conversation.objects.owned_by(user).filter(pk=conversation_id).exists()
-
-    async def forward(self, event: dict[str, Any]) -> None:
-        await self.send_json(event)
-
-    chat_message = chat_queued = chat_token = chat_done = chat_error = chat_conversation = forward
-    model_state = model_progress = forward
-    model_list = forward

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from gantry.broadcast import MODELS_GROUP
+from gantry.sockets import EventConsumer
 from models_admin.services import backend_event
 
 
-class ModelsConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
+class ModelsConsumer(EventConsumer):
     groups = [MODELS_GROUP]
+    forwarded = frozenset({"model.state", "model.progress", "model.list"})
 
     async def connect(self) -> None:
         user = self.scope["user"]
@@ -21,11 +20,3 @@ class ModelsConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
             return
         await self.accept()
         await self.send_json({"type": "model.state", **await database_sync_to_async(backend_event)()})
-
-    async def receive_json(self, content: Any, **kwargs: Any) -> None:
-        pass  # actions go through the admin API
-
-    async def forward(self, event: dict[str, Any]) -> None:
-        await self.send_json(event)
-
-    model_state = model_progress = model_list = forward

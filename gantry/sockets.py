@@ -1,0 +1,27 @@
+"""What the pages' sockets share: broadcast events go to the page as they are."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+
+
+class EventConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
+    """A socket that forwards the broadcast events named in `forwarded` to its page.
+
+    Channels closes stale database connections before every message it dispatches, a thread hop each;
+    forwarding an event touches no database, and a page receives one per token of an answer, so those
+    go straight out. Other messages (connect, disconnect) take Channels' usual path.
+    """
+
+    forwarded: ClassVar[frozenset[str]] = frozenset()
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        if message["type"] in self.forwarded:
+            await self.send_json(message)
+        else:
+            await super().dispatch(message)
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        pass  # actions go through the HTTP API; the socket only carries events to the page
