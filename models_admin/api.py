@@ -92,24 +92,22 @@ def _source(request: HttpRequest) -> str:
 @require_POST
 @csrf_exempt
 async def switch(request: HttpRequest) -> JsonResponse:
-    started = await in_web_thread(_start_switch, request)
-    if isinstance(started, JsonResponse):
-        return started
-    operation = await wait_for(started.operation_id)
-    if operation.status != Operation.Status.SUCCEEDED:
-        return failure(operation, SWITCH_FAILED)
-    return started.answer
+    return await _answer_when_over(request, _start_switch, SWITCH_FAILED)
 
 
 @require_POST
 @csrf_exempt
 async def unload(request: HttpRequest) -> JsonResponse:
-    started = await in_web_thread(_start_unload, request)
+    return await _answer_when_over(request, _start_unload, UNLOAD_FAILED)
+
+
+async def _answer_when_over(request: HttpRequest, start: Callable[[HttpRequest], Started | JsonResponse], failed: str) -> JsonResponse:
+    started = await in_web_thread(start, request)
     if isinstance(started, JsonResponse):
-        return started
+        return started  # refused, or nothing to do
     operation = await wait_for(started.operation_id)
     if operation.status != Operation.Status.SUCCEEDED:
-        return failure(operation, UNLOAD_FAILED)
+        return failure(operation, failed)
     return started.answer
 
 
