@@ -197,11 +197,12 @@ def _ended_or_none(operation_id: int) -> Operation | None:
 
 
 async def _state_event(layer: Any, channel: str | None, timeout: float) -> None:
-    """Return at the next model.state event, or after `timeout` seconds."""
+    """Return at the next model.state event, or after `timeout` seconds (without a channel layer: then)."""
+    if channel is None:
+        await asyncio.sleep(timeout)
+        return
     try:
         async with asyncio.timeout(timeout):
-            if channel is None:
-                await asyncio.sleep(timeout)
             while (await layer.receive(channel))["type"] != "model.state":
                 pass
     except TimeoutError:
