@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from rest_framework import serializers
 
-from chat.models import Conversation, Message
+from chat.models import Conversation
 
 
 class ConversationSerializer(serializers.ModelSerializer):
@@ -12,11 +12,18 @@ class ConversationSerializer(serializers.ModelSerializer):
         read_only_fields = ["id", "created", "updated"]
 
 
-class MessageSerializer(serializers.ModelSerializer):
-    class Meta:
-        model = Message
-        fields = ["id", "conversation", "role", "content", "status", "error", "reply_to", "model_name", "created"]
-        read_only_fields = fields
+class MessageSerializer(serializers.Serializer):
+    # Read only, and spelled out: a ModelSerializer builds its fields from the model on every use, and
+    # the 202 of a new message is made while its answer's request is on its way.
+    id = serializers.IntegerField(read_only=True)
+    conversation = serializers.IntegerField(source="conversation_id", read_only=True)
+    role = serializers.CharField(read_only=True)
+    content = serializers.CharField(read_only=True)
+    status = serializers.CharField(read_only=True)
+    error = serializers.CharField(read_only=True)
+    reply_to = serializers.IntegerField(source="reply_to_id", read_only=True, allow_null=True)
+    model_name = serializers.CharField(read_only=True)
+    created = serializers.DateTimeField(read_only=True)
 
 
 class NewMessageSerializer(serializers.Serializer):
