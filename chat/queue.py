@@ -17,7 +17,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Count, Q
 from django.utils import timezone
 
 from chat.models import ANSWER_HEARTBEAT_SECONDS, Message, heartbeat_cutoff
@@ -28,6 +28,9 @@ from models_admin.services import default_backend
 
 log = logging.getLogger(__name__)
 
+# A claimed question, its answer's row, and the conversation to send TabbyAPI.
+Claimed = tuple[Message, Message, list[dict[str, str]]]
+
 _release_lock: asyncio.Lock | None = None
 _positions_pending = False
 POSITIONS_DEBOUNCE = 0.3  # seconds: one round of position updates for a burst of queue changes
@@ -37,12 +40,25 @@ def waiting() -> Any:
     return Message.objects.filter(role=Message.Role.USER, status=Message.Status.QUEUED)
 
 
-def check_capacity() -> None:
+def admit(backend: Backend, conversation_id: int) -> bool:
+    """For a new message, under the backend's row lock (`default_backend(locked=True)`): refuse it while
+    GANTRY_MAX_QUEUED wait; else whether it is answered at once (the model is ready, a slot is free, its
+    conversation has no answer under way, and nothing waits ahead of it) rather than queued."""
+    counts = (
+        Message.objects.filter(role=Message.Role.USER, status__in=[Message.Status.QUEUED, Message.Status.GENERATING])
+        .aggregate(
+            waiting=Count("pk", filter=Q(status=Message.Status.QUEUED)),
+            live=Count("pk", filter=Q(status=Message.Status.GENERATING, updated__gte=heartbeat_cutoff())),
+            here=Count("pk", filter=Q(status=Message.Status.GENERATING, conversation_id=conversation_id)),
+        )
+    )
     limit = settings.GANTRY_MAX_QUEUED
-    if waiting().count() >= limit:
+    if counts["waiting"] >= limit:
         raise ValidationError(
             f"{limit:,} messages are already waiting for the model. Try again in a moment; your text is still here."
         )
+    free = settings.GANTRY_MAX_CONCURRENT_GENERATIONS - counts["live"]
+    return backend.is_ready and free > 0 and not counts["here"] and not counts["waiting"]
 
 
 def position(message: Message) -> int:
@@ -86,7 +102,7 @@ def release_here(backend: Backend | None = None) -> set[int]:
     return started
 
 
-def claim_next(backend: Backend | None = None) -> tuple[Message, Message, list[dict[str, str]]] | None:
+def claim_next(backend: Backend | None = None) -> Claimed | None:
     """Claim the oldest message that may be answered now, if the model is ready and a slot is free."""
     from chat.services import claim
 
@@ -95,16 +111,11 @@ def claim_next(backend: Backend | None = None) -> tuple[Message, Message, list[d
     if not backend.is_ready:
         return None
     with transaction.atomic():
-        # One claimer at a time across processes (the backend's row lock): the free slots and the busy
-        # conversations counted here stay true until the claim.
-        if not Backend.objects.select_for_update().get(pk=backend.pk).is_ready:
+        if not _lock_if_ready(backend):
             return None
-        cutoff = heartbeat_cutoff()
-        generating = list(Message.objects.generating().values_list("conversation_id", "updated"))
-        free = settings.GANTRY_MAX_CONCURRENT_GENERATIONS - sum(1 for _, updated in generating if updated >= cutoff)
+        free, busy = _slots()
         if free <= 0:
             return None
-        busy = {conversation_id for conversation_id, _ in generating}
         for message in waiting().order_by("created", "id")[: free + 50]:
             # One answer at a time per conversation: a later question needs the earlier answer as context.
             if message.conversation_id in busy:
@@ -114,6 +125,20 @@ def claim_next(backend: Backend | None = None) -> tuple[Message, Message, list[d
                 return claimed
             busy.add(message.conversation_id)
     return None
+
+
+def _lock_if_ready(backend: Backend) -> bool:
+    """One claimer at a time across processes (the backend's row lock, held to the end of the caller's
+    transaction): the free slots and busy conversations counted next stay true until the claim."""
+    return Backend.objects.select_for_update().get(pk=backend.pk).is_ready
+
+
+def _slots() -> tuple[int, set[int]]:
+    """(free answer slots, conversations with an answer under way), under the backend's row lock."""
+    cutoff = heartbeat_cutoff()
+    generating = list(Message.objects.generating().values_list("conversation_id", "updated"))
+    free = settings.GANTRY_MAX_CONCURRENT_GENERATIONS - sum(1 for _, updated in generating if updated >= cutoff)
+    return free, {conversation_id for conversation_id, _ in generating}
 
 
 def schedule_positions() -> None:

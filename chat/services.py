@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import aclosing
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -17,12 +17,13 @@ from django.db.models import Q
 from django.utils import timezone
 
 from chat.models import Conversation, Message
-from chat.queue import check_capacity, position, release_here, requeue, schedule_positions, wake
-from gantry.background import dispatch, in_thread
+from chat.queue import Claimed, admit, position, release_here, requeue, schedule_positions, wake
+from gantry.background import dispatch, in_thread, spawn
 from gantry.broadcast import (
     ConversationEvent,
     DoneEvent,
     ErrorEvent,
+    Event,
     MessageEvent,
     QueuedEvent,
     TokenEvent,
@@ -32,7 +33,7 @@ from gantry.broadcast import (
     user_group,
 )
 from models_admin.models import Backend
-from models_admin.services import async_client, default_backend
+from models_admin.services import answer_client, default_backend
 from models_admin.tabby_client import BackendBadResponse, BackendError, BackendUnavailable, GenerationFailed, NoModelLoaded
 from models_admin.tasks import refresh_models
 
@@ -88,16 +89,30 @@ def post_message(conversation: Conversation, content: str) -> Message:
     limit = settings.GANTRY_MAX_MESSAGE_CHARS
     if len(content) > limit:
         raise ValidationError(f"This message has {len(content):,} characters; the limit is {limit:,}. Shorten it and send again.")
-    check_capacity()
-    backend = default_backend()
     with transaction.atomic():
+        backend = default_backend(locked=True)
+        # The usual case: nothing waits, so the message is claimed as it is saved and its first token
+        # waits on one transaction, not two. Otherwise the queue's order decides, after the commit.
+        answer_now = admit(backend, conversation.pk)
         message = Message.objects.create(
-            conversation=conversation, role=Message.Role.USER, content=content, status=Message.Status.QUEUED
+            conversation=conversation,
+            role=Message.Role.USER,
+            content=content,
+            status=Message.Status.GENERATING if answer_now else Message.Status.QUEUED,
         )
         if conversation.title == "New conversation":
             conversation.title = " ".join(content.split())[:60]
         conversation.save(update_fields=["title", "updated"])
-    transaction.on_commit(partial(_start_or_hold, message, backend))  # at once, unless a caller's transaction is open
+        claimed = _answering(message, answered_before=False) if answer_now else None
+    sidebar = (
+        user_group(conversation.owner_id),
+        ConversationEvent(type="chat.conversation", conversation=conversation.as_event(), deleted=False),
+    )
+    # At once, unless a caller's transaction is still open.
+    if claimed:
+        transaction.on_commit(partial(_start, claimed, sidebar))
+        return message
+    transaction.on_commit(partial(_start_or_hold, message, backend))
     if not backend.is_ready:
         backend = default_backend()  # it may have become ready meanwhile (its release then took this message)
     if not backend.is_ready:
@@ -106,11 +121,14 @@ def post_message(conversation: Conversation, content: str) -> Message:
         broadcast(conversation_group(message.conversation_id), event)
         if not backend.is_busy:
             in_thread(refresh_models.run)  # a model may have been loaded on TabbyAPI directly
-    broadcast(
-        user_group(conversation.owner_id),
-        ConversationEvent(type="chat.conversation", conversation=conversation.as_event(), deleted=False),
-    )
+    broadcast(*sidebar)
     return message
+
+
+def _start(claimed: Claimed, sidebar: tuple[str, Event]) -> None:
+    # The sidebar's update goes out with the answer's announcement, once TabbyAPI has the request: from
+    # here it would hop onto the loop while the loop sends that request.
+    spawn(generate(*claimed, also=[sidebar]))
 
 
 def _start_or_hold(message: Message, backend: Backend) -> None:
@@ -163,7 +181,7 @@ def _cancel_local(message_id: int) -> None:
 # Generation
 
 
-def claim(question: Message) -> tuple[Message, Message, list[dict[str, str]]] | None:
+def claim(question: Message) -> Claimed | None:
     """Take a queued message for answering (exactly once across processes); make its answer row."""
     # Claiming is the answer's first heartbeat: a message held longer than ANSWER_HEARTBEAT_SECONDS would
     # otherwise look orphaned (and be queued again) before its first save.
@@ -171,7 +189,12 @@ def claim(question: Message) -> tuple[Message, Message, list[dict[str, str]]] | 
     if not Message.objects.filter(pk=question.pk, status=Message.Status.QUEUED).update(status=Message.Status.GENERATING, updated=now):
         return None
     question.status, question.updated = Message.Status.GENERATING, now
-    reply = Message.objects.filter(reply_to=question).first()  # a retried message reuses its answer row
+    return _answering(question)
+
+
+def _answering(question: Message, answered_before: bool = True) -> Claimed:
+    """A claimed question's answer row (a retried message reuses its own) and what to send TabbyAPI."""
+    reply = Message.objects.filter(reply_to=question).first() if answered_before else None
     if reply is None:
         reply = Message.objects.create(
             conversation_id=question.conversation_id, role=Message.Role.ASSISTANT, reply_to=question, status=Message.Status.GENERATING
@@ -240,29 +263,51 @@ def _too_long(exc: BackendError) -> bool:
     return isinstance(exc, BackendBadResponse) and exc.status == 400 and "context length" in exc.message.lower()
 
 
-async def _announce(group: str, question: Message, reply: Message) -> None:
-    await abroadcast(group, MessageEvent(type="chat.message", message=question.as_event()))
-    await abroadcast(group, MessageEvent(type="chat.message", message=reply.as_event()))
+class _Announcement:
+    """The pages learn that an answer started (its question and its row, both "generating") once TabbyAPI
+    has taken the request: sooner, sending it would delay the request; later, the first token would wait."""
+
+    def __init__(self, group: str, question: Message, reply: Message, also: Sequence[tuple[str, Event]]) -> None:
+        self.group, self.question, self.reply, self.also = group, question, reply, also
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._send())
+
+    async def sent(self) -> None:
+        """Before any later event of the answer (a request that failed first announces it now)."""
+        self.start()
+        assert self.task is not None
+        await self.task
+
+    async def _send(self) -> None:
+        await abroadcast(self.group, MessageEvent(type="chat.message", message=self.question.as_event()))
+        await abroadcast(self.group, MessageEvent(type="chat.message", message=self.reply.as_event()))
+        for group, event in self.also:
+            await abroadcast(group, event)
 
 
 async def _answer_within_context(
-    history: list[dict[str, str]], reply: Message, pieces: list[str], group: str, announced: asyncio.Task[None]
+    history: list[dict[str, str]], reply: Message, pieces: list[str], group: str, announcement: _Announcement
 ) -> str:
     """Stream the answer; when the conversation outgrows the model's context, drop its oldest turns."""
     while True:
         try:
-            return await _stream(history, reply, pieces, group, announced)
+            return await _stream(history, reply, pieces, group, announcement)
         except BackendBadResponse as exc:
             if not (_too_long(exc) and len(history) > 1 and not pieces):
                 raise
             history = history[2:] if len(history) > 2 else history[-1:]
 
 
-async def generate(question: Message, reply: Message, history: list[dict[str, str]]) -> None:
-    """Stream the answer to a claimed question to the conversation's pages, saving it as it grows."""
+async def generate(
+    question: Message, reply: Message, history: list[dict[str, str]], also: Sequence[tuple[str, Event]] = ()
+) -> None:
+    """Stream the answer to a claimed question to the conversation's pages, saving it as it grows;
+    `also` are more events for its announcement."""
     group = conversation_group(question.conversation_id)
-    # The pages learn that the answer started while the request to TabbyAPI is on its way, not before.
-    announced = asyncio.get_running_loop().create_task(_announce(group, question, reply))
+    announcement = _Announcement(group, question, reply, also)
     task = asyncio.current_task()
     assert task is not None
     _running[question.pk] = task
@@ -270,7 +315,7 @@ async def generate(question: Message, reply: Message, history: list[dict[str, st
     pieces: list[str] = []
     status, error, model = Message.Status.DONE, "", ""
     try:
-        model = await _answer_within_context(history, reply, pieces, group, announced)
+        model = await _answer_within_context(history, reply, pieces, group, announcement)
     except (asyncio.CancelledError, _Stopped):
         status = Message.Status.CANCELLED
     except BackendError as exc:
@@ -280,7 +325,7 @@ async def generate(question: Message, reply: Message, history: list[dict[str, st
             status = Message.Status.QUEUED
     finally:
         _running.pop(question.pk, None)
-    await announced  # before any later event
+    await announcement.sent()
     if status == Message.Status.QUEUED:
         await abroadcast(group, DoneEvent(type="chat.done", message_id=reply.pk, status=Message.Status.CANCELLED))
         wake()
@@ -315,6 +360,9 @@ async def _heartbeat() -> None:
     """While this process generates answers, touch their questions: a live answer is never an orphan."""
     global _heartbeat_task
     try:
+        # Claiming an answer was its first heartbeat: the first touch comes a beat later, not while the
+        # request to TabbyAPI is on its way.
+        await asyncio.sleep(HEARTBEAT_EVERY)
         while _running:
             await sync_to_async(_touch)(list(_running))
             await asyncio.sleep(HEARTBEAT_EVERY)
@@ -341,19 +389,20 @@ def _fresh_event(message_id: int) -> dict[str, Any]:
 
 
 async def _stream(
-    history: list[dict[str, str]], reply: Message, pieces: list[str], group: str, announced: asyncio.Task[None]
+    history: list[dict[str, str]], reply: Message, pieces: list[str], group: str, announcement: _Announcement
 ) -> str:
     last_save = time.monotonic()
     model = ""
-    async with async_client() as client, aclosing(client.stream_chat(history, max_tokens=settings.GANTRY_MAX_ANSWER_TOKENS)) as stream:
-        # aclosing: leaving early (Stop, cancellation) closes the response, which ends the generation upstream.
+    # Leaving early (Stop, cancellation) closes the response, which ends the generation upstream.
+    async with answer_client().open_chat(history, max_tokens=settings.GANTRY_MAX_ANSWER_TOKENS) as stream:
+        announcement.start()
         async for delta in stream:
             model = delta.model or model
             # A byte-level vocabulary has a NUL token, and PostgreSQL text cannot hold NUL: the save would fail.
             text = delta.text.replace("\x00", "")
             if text:
                 pieces.append(text)
-                await announced  # the answer's message before its first token
+                await announcement.sent()  # the answer's message before its first token
                 await abroadcast(group, TokenEvent(type="chat.token", message_id=reply.pk, text=text))
             if time.monotonic() - last_save >= SAVE_EVERY:
                 last_save = time.monotonic()

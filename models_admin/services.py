@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +48,30 @@ def async_client() -> AsyncTabbyClient:
     return AsyncTabbyClient(tabby_config())
 
 
+_answer_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncTabbyClient] = weakref.WeakKeyDictionary()
+
+
+def answer_client() -> AsyncTabbyClient:
+    """The running loop's client for answers, kept open: its connections to TabbyAPI are reused, so an
+    answer's first token does not wait on a new connection. Callers don't close it."""
+    loop = asyncio.get_running_loop()
+    config = tabby_config()
+    client = _answer_clients.get(loop)
+    if client is None or client.config != config:
+        # New keys or address: a new client. The old one is not closed, which would cut the answers
+        # still streaming on it; its connections close with it once those are done.
+        client = _answer_clients[loop] = AsyncTabbyClient(config)
+    return client
+
+
 def sync_client() -> TabbyClient:
     return TabbyClient(tabby_config())
 
 
-def default_backend() -> Backend:
-    backend, _ = Backend.objects.get_or_create(name="default", defaults={"base_url": settings.TABBY_HOST})
+def default_backend(locked: bool = False) -> Backend:
+    """The one backend today; `locked` holds its row to the end of the caller's transaction."""
+    backends = Backend.objects.select_for_update() if locked else Backend.objects
+    backend, _ = backends.get_or_create(name="default", defaults={"base_url": settings.TABBY_HOST})
     return backend
 
 

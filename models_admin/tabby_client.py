@@ -12,8 +12,8 @@ import functools
 import json
 import ssl
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, Generator, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, Self, TypedDict, TypeVar, cast
 
@@ -143,6 +143,9 @@ def chat_call(messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) 
     return Call("POST", "/v1/chat/completions", "api", "start an answer", body)
 
 
+KEEPALIVE_SECONDS = 4.0
+
+
 @functools.cache
 def tls_context() -> ssl.SSLContext:
     """Made once per process: building it (reading the CA bundle) takes tens of milliseconds, which
@@ -155,6 +158,9 @@ def client_options(config: TabbyConfig) -> dict[str, Any]:
         "base_url": config.base_url.rstrip("/"),
         "timeout": httpx.Timeout(config.read_timeout, connect=config.connect_timeout),
         "verify": tls_context(),
+        # No cap on connections (the number of answers at once is Gantry's own setting); an idle one is
+        # reused only well within the 5 s after which TabbyAPI's server (uvicorn) closes it.
+        "limits": httpx.Limits(max_connections=None, max_keepalive_connections=32, keepalive_expiry=KEEPALIVE_SECONDS),
     }
 
 
@@ -489,24 +495,43 @@ class AsyncTabbyClient:
     def stream_chat(self, messages: Sequence[Mapping[str, Any]], **params: Any) -> AsyncGenerator[ChatDelta, None]:
         return self._events(chat_call(messages, params), ChatReader())
 
+    def open_chat(
+        self, messages: Sequence[Mapping[str, Any]], **params: Any
+    ) -> AbstractAsyncContextManager[AsyncGenerator[ChatDelta, None]]:
+        """`stream_chat` in two steps: entered once TabbyAPI has taken the request (the answer's headers
+        came), it gives the pieces; leaving it closes the response, which stops the generation."""
+        return self._opened(chat_call(messages, params), ChatReader())
+
     async def _json(self, call: Call) -> Any:
         with translated_errors(self.config, call):
             response = await self._http.request(**request_args(self.config, call))
         return json_answer(call, response)
 
     async def _events(self, call: Call, reader: StreamReader[T]) -> AsyncGenerator[T, None]:
+        async with self._opened(call, reader) as items:
+            async for item in items:
+                yield item
+
+    @asynccontextmanager
+    async def _opened(self, call: Call, reader: StreamReader[T]) -> AsyncIterator[AsyncGenerator[T, None]]:
+        # The caller's reading happens inside this block, so a transport error while reading is translated too.
         with translated_errors(self.config, call):
             async with self._http.stream(**request_args(self.config, call)) as response:
                 if not is_event_stream(response):
                     await response.aread()
                     raise answer_error(call, response)
-                async for chunk in response.aiter_bytes():
-                    for item in reader.feed(chunk):
-                        yield item
-                    if reader.done:
-                        break
-                for item in reader.end():
-                    yield item
+                async with aclosing(_items(response, reader)) as items:
+                    yield items
+
+
+async def _items(response: httpx.Response, reader: StreamReader[T]) -> AsyncGenerator[T, None]:
+    async for chunk in response.aiter_bytes():
+        for item in reader.feed(chunk):
+            yield item
+        if reader.done:
+            break
+    for item in reader.end():
+        yield item
 
 
 class TabbyClient:
