@@ -44,10 +44,6 @@ def _tokens(path: Path, mtime_ns: int) -> tuple[str, str]:
     return str(api[0] if isinstance(api, list) else api or ""), str(tokens.get("admin_key") or "")
 
 
-def async_client() -> AsyncTabbyClient:
-    return AsyncTabbyClient(tabby_config())
-
-
 _answer_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncTabbyClient] = weakref.WeakKeyDictionary()
 
 

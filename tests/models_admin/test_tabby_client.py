@@ -490,3 +490,21 @@ async def test_it_reports_a_server_that_never_answers_as_unavailable(
 ) -> None:
     with pytest.raises(BackendUnavailable, match="stopped answering .* nothing came for 0.5 seconds"):
         await call(kind, None, method, *args, config=real(f"http://127.0.0.1:{silent_port}"))
+
+
+async def test_an_opened_chat_is_entered_before_any_piece_is_read_and_closes_with_its_block() -> None:
+    server = streaming(cut(CHAT_STREAM, "odd"))
+    async with AsyncTabbyClient(CONFIG, transport=server.transport()) as client:
+        async with client.open_chat(HELLO, max_tokens=16) as deltas:
+            read_on_entry = server.body.served
+            assert (await anext(deltas)).text == "Hel"
+        assert server.body.closed
+    assert read_on_entry == 0  # entered on the answer's headers: the caller can act before the first piece
+    assert server.sent_json()["max_tokens"] == 16 and server.sent_json()["stream"] is True
+
+
+async def test_an_opened_chat_refused_by_tabby_raises_on_entry() -> None:
+    async with AsyncTabbyClient(CONFIG, transport=replaying(46).transport()) as client:
+        with pytest.raises(NoModelLoaded):
+            async with client.open_chat(HELLO):
+                raise AssertionError("a refused answer has no stream to read")
