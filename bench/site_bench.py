@@ -15,9 +15,9 @@ import asyncio
 import json
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import websockets

@@ -159,7 +159,8 @@ def client_options(config: TabbyConfig) -> dict[str, Any]:
         "timeout": httpx.Timeout(config.read_timeout, connect=config.connect_timeout),
         "verify": tls_context(),
         # No cap on connections (the number of answers at once is Gantry's own setting); an idle one is
-        # reused only well within the 5 s after which TabbyAPI's server (uvicorn) closes it.
+        # reused only within KEEPALIVE_SECONDS, under the 5 s after which TabbyAPI's server (uvicorn)
+        # closes it.
         "limits": httpx.Limits(max_connections=None, max_keepalive_connections=32, keepalive_expiry=KEEPALIVE_SECONDS),
     }
 
