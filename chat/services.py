@@ -101,36 +101,14 @@ def delete_conversation(conversation: Conversation) -> None:
 
 def post_message(conversation: Conversation, content: str) -> Message:
     """Save the user's message and start its answer."""
-    if not content.strip():
-        raise ValidationError("Type a message before sending.")
-    limit = settings.GANTRY_MAX_MESSAGE_CHARS
-    if len(content) > limit:
-        raise ValidationError(f"This message has {len(content):,} characters; the limit is {limit:,}. Shorten it and send again.")
+    _check_length(content)
     # With no transaction of a caller's open, the answer's request goes to TabbyAPI while the message is
     # saved: the commit, not the caller, decides whether it stands.
     early = not transaction.get_connection().in_atomic_block
     saved: concurrent.futures.Future[Saved | None] = concurrent.futures.Future()
     try:
         with transaction.atomic():
-            backend = default_backend(locked=True)
-            # The usual case: nothing waits, so the message is claimed as it is saved, under the backend's
-            # lock as any claim. Otherwise the queue's order decides, after the commit.
-            answer_now = admit(backend, conversation.pk)
-            if answer_now and early:
-                taken = threading.Event()
-                spawn(_generate(_history(conversation.pk, content), _when_saved(saved), taken))
-                # Saving the rows needs the interpreter, as sending the request does: the request goes first.
-                taken.wait(timeout=REQUEST_HEAD_START)
-            message = Message.objects.create(
-                conversation=conversation,
-                role=Message.Role.USER,
-                content=content,
-                status=Message.Status.GENERATING if answer_now else Message.Status.QUEUED,
-            )
-            if conversation.title == "New conversation":
-                conversation.title = " ".join(content.split())[:60]
-            conversation.save(update_fields=["title", "updated"])
-            reply = _answer_row(message, answered_before=False) if answer_now else None
+            message, reply, backend = _save_question(conversation, content, saved if early else None)
     except BaseException:
         saved.set_result(None)  # nothing was saved: the request is withdrawn
         raise
@@ -138,15 +116,55 @@ def post_message(conversation: Conversation, content: str) -> Message:
         user_group(conversation.owner_id),
         ConversationEvent(type="chat.conversation", conversation=conversation.as_event(), deleted=False),
     )
-    if reply is not None:
-        # The sidebar's update goes out with the answer's announcement, once TabbyAPI has the request.
-        rows: Saved = (message, reply, [sidebar])
-        if early:
-            saved.set_result(rows)
-        else:
-            history = _history(conversation.pk, content, before=message.created)
-            transaction.on_commit(lambda: spawn(_generate(history, _now(rows))))
+    if reply is None:
+        _hold(message, backend)
+        broadcast(*sidebar)
         return message
+    # The sidebar's update goes out with the answer's announcement, once TabbyAPI has the request.
+    rows: Saved = (message, reply, [sidebar])
+    if early:
+        saved.set_result(rows)
+    else:
+        history = _history(conversation.pk, content, before=message.created)
+        transaction.on_commit(lambda: spawn(_generate(history, _now(rows))))
+    return message
+
+
+def _check_length(content: str) -> None:
+    if not content.strip():
+        raise ValidationError("Type a message before sending.")
+    limit = settings.GANTRY_MAX_MESSAGE_CHARS
+    if len(content) > limit:
+        raise ValidationError(f"This message has {len(content):,} characters; the limit is {limit:,}. Shorten it and send again.")
+
+
+def _save_question(
+    conversation: Conversation, content: str, saved: concurrent.futures.Future[Saved | None] | None
+) -> tuple[Message, Message | None, Backend]:
+    """In the post's transaction: the message, and its answer's row when it is answered at once (the usual
+    case: nothing waits, so it is claimed as it is saved, under the backend's lock as any claim; otherwise
+    the queue's order decides, after the commit). With `saved`, the answer's request goes out first."""
+    backend = default_backend(locked=True)
+    answer_now = admit(backend, conversation.pk)
+    if answer_now and saved is not None:
+        taken = threading.Event()
+        spawn(_generate(_history(conversation.pk, content), _when_saved(saved), taken))
+        # Saving the rows needs the interpreter, as sending the request does: the request goes first.
+        taken.wait(timeout=REQUEST_HEAD_START)
+    message = Message.objects.create(
+        conversation=conversation,
+        role=Message.Role.USER,
+        content=content,
+        status=Message.Status.GENERATING if answer_now else Message.Status.QUEUED,
+    )
+    if conversation.title == "New conversation":
+        conversation.title = " ".join(content.split())[:60]
+    conversation.save(update_fields=["title", "updated"])
+    return message, _answer_row(message, answered_before=False) if answer_now else None, backend
+
+
+def _hold(message: Message, backend: Backend) -> None:
+    """A message that could not be answered at once: the queue releases it in its turn."""
     transaction.on_commit(partial(_start_or_hold, message, backend))  # at once, unless a caller's transaction is open
     if not backend.is_ready:
         backend = default_backend()  # it may have become ready meanwhile (its release then took this message)
@@ -156,8 +174,6 @@ def post_message(conversation: Conversation, content: str) -> Message:
         broadcast(conversation_group(message.conversation_id), event)
         if not backend.is_busy:
             in_thread(refresh_models.run)  # a model may have been loaded on TabbyAPI directly
-    broadcast(*sidebar)
-    return message
 
 
 def _start_or_hold(message: Message, backend: Backend) -> None:
