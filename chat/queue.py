@@ -89,9 +89,9 @@ async def release() -> None:
 
 
 def release_here(backend: Backend | None = None) -> set[int]:
-    """release() from a request's thread: the message just posted starts without waiting for a hop
-    onto the serving loop and back into a thread (its first token waits on every hop). Returns the
-    ids of the questions it started."""
+    """release() from a request's thread: a message just posted that was not claimed as it was saved
+    (others waited) starts, in its turn, without waiting for a hop onto the serving loop and back into a
+    thread. Returns the ids of the questions it started."""
     from chat.services import generate
 
     started = set()
