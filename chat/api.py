@@ -92,7 +92,7 @@ class MessageList(ChatAPIView):
         serializer = NewMessageSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         try:
-            message = services.post_message(conversation, serializer.validated_data["content"])
+            message = services.post_message(conversation.pk, serializer.validated_data["content"])
         except ValidationError as exc:
             return refused(exc)
         return Response(MessageSerializer(message).data, status=status.HTTP_202_ACCEPTED)

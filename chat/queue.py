@@ -17,7 +17,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Count, Q
+from django.db.models import Q
 from django.utils import timezone
 
 from chat.models import ANSWER_HEARTBEAT_SECONDS, Message, heartbeat_cutoff
@@ -44,21 +44,14 @@ def admit(backend: Backend, conversation_id: int) -> bool:
     """For a new message, under the backend's row lock (`default_backend(locked=True)`): refuse it while
     GANTRY_MAX_QUEUED wait; else whether it is answered at once (the model is ready, a slot is free, its
     conversation has no answer under way, and nothing waits ahead of it) rather than queued."""
-    counts = (
-        Message.objects.filter(role=Message.Role.USER, status__in=[Message.Status.QUEUED, Message.Status.GENERATING])
-        .aggregate(
-            waiting=Count("pk", filter=Q(status=Message.Status.QUEUED)),
-            live=Count("pk", filter=Q(status=Message.Status.GENERATING, updated__gte=heartbeat_cutoff())),
-            here=Count("pk", filter=Q(status=Message.Status.GENERATING, conversation_id=conversation_id)),
-        )
-    )
+    waiting, live, here = Message.objects.counts_for_new_message(conversation_id)
     limit = settings.GANTRY_MAX_QUEUED
-    if counts["waiting"] >= limit:
+    if waiting >= limit:
         raise ValidationError(
             f"{limit:,} messages are already waiting for the model. Try again in a moment; your text is still here."
         )
-    free = settings.GANTRY_MAX_CONCURRENT_GENERATIONS - counts["live"]
-    return backend.is_ready and free > 0 and not counts["here"] and not counts["waiting"]
+    free = settings.GANTRY_MAX_CONCURRENT_GENERATIONS - live
+    return backend.is_ready and free > 0 and not here and not waiting
 
 
 def position(message: Message) -> int:

@@ -17,7 +17,6 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Q
 from django.utils import timezone
 
 from chat.models import Conversation, Message
@@ -99,8 +98,9 @@ def delete_conversation(conversation: Conversation) -> None:
 # Messages
 
 
-def post_message(conversation: Conversation, content: str) -> Message:
-    """Save the user's message and start its answer."""
+def post_message(conversation_id: int, content: str) -> Message:
+    """Save the user's message in their conversation (its owner was checked by the caller) and start its
+    answer."""
     _check_length(content)
     # With no transaction of a caller's open, the answer's request goes to TabbyAPI while the message is
     # saved: the commit, not the caller, decides whether it stands.
@@ -108,7 +108,7 @@ def post_message(conversation: Conversation, content: str) -> Message:
     saved: concurrent.futures.Future[Saved | None] = concurrent.futures.Future()
     try:
         with transaction.atomic():
-            message, reply, backend = _save_question(conversation, content, saved if early else None)
+            conversation, message, reply, backend = _save_question(conversation_id, content, saved if early else None)
     except BaseException:
         saved.set_result(None)  # nothing was saved: the request is withdrawn
         raise
@@ -125,7 +125,7 @@ def post_message(conversation: Conversation, content: str) -> Message:
     if early:
         saved.set_result(rows)
     else:
-        history = _history(conversation.pk, content, before=message.created)
+        history = _history(conversation_id, content, before=message.created)
         transaction.on_commit(lambda: spawn(_generate(history, _now(rows))))
     return message
 
@@ -139,18 +139,22 @@ def _check_length(content: str) -> None:
 
 
 def _save_question(
-    conversation: Conversation, content: str, saved: concurrent.futures.Future[Saved | None] | None
-) -> tuple[Message, Message | None, Backend]:
+    conversation_id: int, content: str, saved: concurrent.futures.Future[Saved | None] | None
+) -> tuple[Conversation, Message, Message | None, Backend]:
     """In the post's transaction: the message, and its answer's row when it is answered at once (the usual
     case: nothing waits, so it is claimed as it is saved, under the backend's lock as any claim; otherwise
-    the queue's order decides, after the commit). With `saved`, the answer's request goes out first."""
+    the queue's order decides, after the commit). With `saved`, the answer's request goes out first: only
+    what it needs is read before it."""
     backend = default_backend(locked=True)
-    answer_now = admit(backend, conversation.pk)
+    answer_now = admit(backend, conversation_id)
     if answer_now and saved is not None:
         taken = threading.Event()
-        spawn(_generate(_history(conversation.pk, content), _when_saved(saved), taken))
+        spawn(_generate(_history(conversation_id, content), _when_saved(saved), taken))
         # Saving the rows needs the interpreter, as sending the request does: the request goes first.
         taken.wait(timeout=REQUEST_HEAD_START)
+    conversation = Conversation.objects.filter(pk=conversation_id).first()
+    if conversation is None:
+        raise ValidationError("This conversation was deleted.")
     message = Message.objects.create(
         conversation=conversation,
         role=Message.Role.USER,
@@ -160,7 +164,7 @@ def _save_question(
     if conversation.title == "New conversation":
         conversation.title = " ".join(content.split())[:60]
     conversation.save(update_fields=["title", "updated"])
-    return message, _answer_row(message, answered_before=False) if answer_now else None, backend
+    return conversation, message, _answer_row(message, answered_before=False) if answer_now else None, backend
 
 
 def _hold(message: Message, backend: Backend) -> None:
@@ -252,23 +256,11 @@ def _answer_row(question: Message, answered_before: bool = True) -> Message:
 def _history(conversation_id: int, content: str, before: datetime | None = None) -> list[dict[str, str]]:
     """What to send TabbyAPI for the question `content` asked at `before` (None: a question not saved yet,
     after everything): the conversation's answered turns before it, oldest first, then the question."""
-    earlier = Message.objects.filter(conversation_id=conversation_id, status=Message.Status.DONE)
-    if before is not None:
-        earlier = earlier.filter(
-            Q(role=Message.Role.USER, created__lt=before) | Q(role=Message.Role.ASSISTANT, reply_to__created__lt=before)
-        )
-    asked: list[tuple[Any, int, str]] = []
-    answers: dict[int | None, str] = {}
-    for pk, role, text, created, reply_to_id in earlier.values_list("id", "role", "content", "created", "reply_to_id"):
-        if role == Message.Role.USER:
-            asked.append((created, pk, text))
-        else:
-            answers[reply_to_id] = text
     turns: list[dict[str, str]] = []
-    for _, pk, text in sorted(asked):
-        turns.append({"role": "user", "content": text})
-        if pk in answers:
-            turns.append({"role": "assistant", "content": answers[pk]})
+    for question, answer in Message.objects.turns(conversation_id, before):
+        turns.append({"role": "user", "content": question})
+        if answer is not None:
+            turns.append({"role": "assistant", "content": answer})
     return turns + [{"role": "user", "content": content}]
 
 
