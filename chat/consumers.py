@@ -5,17 +5,23 @@ from __future__ import annotations
 from typing import Any
 
 from channels.db import database_sync_to_async
+from django.core.exceptions import ValidationError
 
+from chat import services
 from chat.models import Conversation
-from gantry.broadcast import CHAT_GROUP, conversation_group, user_group
-from gantry.sockets import EventConsumer
+from gantry.broadcast import CHAT_GROUP, RefusedEvent, SentEvent, conversation_group, user_group
+from gantry.serving import in_web_thread
+from gantry.sockets import EventConsumer, same_origin
 from models_admin.services import backend_event
 
 
 class ChatConsumer(EventConsumer):
-    """`ws/chat/` (sidebar and banner) or `ws/chat/<conversation_id>/` (that conversation too)."""
+    """`ws/chat/` (sidebar and banner) or `ws/chat/<conversation_id>/` (that conversation too, and the
+    page's messages to it: `{"type": "chat.send", "content": ..., "ref": ...}`, answered `chat.sent` or
+    `chat.refused` with the same `ref`)."""
 
     groups: list[str] = []
+    conversation_id: int | None = None
     forwarded = frozenset(
         {
             "chat.message",
@@ -42,6 +48,7 @@ class ChatConsumer(EventConsumer):
                 await self.close()
                 return
             self.groups.append(conversation_group(conversation_id))
+            self.conversation_id = conversation_id
         for group in self.groups:
             await self.channel_layer.group_add(group, self.channel_name)
         await self.accept()
@@ -50,6 +57,25 @@ class ChatConsumer(EventConsumer):
     async def disconnect(self, code: int) -> None:
         for group in self.groups:
             await self.channel_layer.group_discard(group, self.channel_name)
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        # Sent here rather than POSTed, a message's answer starts sooner: no HTTP request to parse, no
+        # middleware, no session to look up, no conversation to find first (its owner was checked at connect).
+        if isinstance(content, dict) and content.get("type") == "chat.send":
+            await self.send_json(await in_web_thread(self._post, content.get("content"), content.get("ref")))
+
+    def _post(self, text: Any, ref: Any) -> SentEvent | RefusedEvent:
+        if self.conversation_id is None:
+            return RefusedEvent(type="chat.refused", ref=ref, detail="Open a conversation to send a message.")
+        if not same_origin(self.scope):
+            return RefusedEvent(type="chat.refused", ref=ref, detail="Cross-site requests are refused.")
+        if not isinstance(text, str):
+            return RefusedEvent(type="chat.refused", ref=ref, detail="Type a message before sending.")
+        try:
+            message = services.post_message(self.conversation_id, text)
+        except ValidationError as exc:
+            return RefusedEvent(type="chat.refused", ref=ref, detail=" ".join(exc.messages))
+        return SentEvent(type="chat.sent", ref=ref, message=message.as_event())
 
     @database_sync_to_async
     def _owns(self, user: Any, conversation_id: int) -> bool:

@@ -63,6 +63,22 @@ class ConversationEvent(TypedDict):
     deleted: bool
 
 
+class SentEvent(TypedDict):
+    """To the one page that sent a message over its socket: it was saved (`ref` is the page's own)."""
+
+    type: Literal["chat.sent"]
+    ref: Any
+    message: dict[str, Any]
+
+
+class RefusedEvent(TypedDict):
+    """To the one page that sent a message over its socket: it was not saved, `detail` says why."""
+
+    type: Literal["chat.refused"]
+    ref: Any
+    detail: str
+
+
 class ModelStateEvent(TypedDict):
     """The backend's state: ready, switching, unloading, unloaded or failed."""
 

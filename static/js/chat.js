@@ -148,6 +148,8 @@
       case "chat.done":
       case "chat.error":
         break; // the chat.message that follows carries the final state
+      case "chat.sent": settle(event.ref, event.message, null); break;
+      case "chat.refused": settle(event.ref, null, event.detail); break;
       case "chat.conversation": drawConversation(event.conversation, event.deleted); break;
       case "model.state": drawModel(event); break;
       case "model.progress": drawProgress(event); break;
@@ -230,6 +232,7 @@
     socket = new WebSocket(scheme + window.location.host + path);
     socket.addEventListener("message", (event) => onEvent(JSON.parse(event.data)));
     socket.addEventListener("close", (event) => {
+      dropPending();
       // Reconnect after a dropped connection, then reload the history to catch up.
       if (event.code !== 1000) setTimeout(() => { connect(); loadHistory(); }, 1500);
     });
@@ -245,6 +248,32 @@
     const history = await api("GET", "/api/conversations/" + conversationId + "/messages/");
     history.forEach(draw);
     scrollDown();
+  }
+
+  // A message goes over the conversation's socket when it is open (its answer starts sooner: no HTTP
+  // request to set up), else through the API. The socket answers chat.sent or chat.refused with our ref.
+  let nextRef = 1;
+  const pending = new Map(); // ref -> {resolve, reject}
+  function post(content) {
+    if (!socket || socket.readyState !== WebSocket.OPEN) {
+      return api("POST", "/api/conversations/" + conversationId + "/messages/", { content });
+    }
+    const ref = nextRef++;
+    const sent = new Promise((resolve, reject) => pending.set(ref, { resolve, reject }));
+    socket.send(JSON.stringify({ type: "chat.send", ref, content }));
+    return sent;
+  }
+  function settle(ref, message, detail) {
+    const waiter = pending.get(ref);
+    if (!waiter) return;
+    pending.delete(ref);
+    if (message) waiter.resolve(message);
+    else waiter.reject(new Error(detail));
+  }
+  function dropPending() {
+    for (const ref of Array.from(pending.keys())) {
+      settle(ref, null, "The connection to the server dropped. If your message does not appear above once it is back, send it again.");
+    }
   }
 
   async function send() {
@@ -265,7 +294,7 @@
         // Post only once the new socket listens, or the answer's first events go to nobody.
         await connect();
       }
-      const message = await api("POST", "/api/conversations/" + conversationId + "/messages/", { content });
+      const message = await post(content);
       input.value = "";
       // The socket may already have brought a newer state of this message (its answer started).
       if (!messages.has(message.id)) draw(message);

@@ -214,3 +214,41 @@ def test_an_answer_streams_in_even_when_the_socket_opens_slowly(page: Page) -> N
     expect(page.locator("#messages .message.assistant")).to_have_class(re.compile(r"\bdone\b"), timeout=ANSWER_TIMEOUT_MS)
     steps, lengths = growth_steps(page)
     assert steps >= 2, f"The answer did not stream in; lengths seen: {lengths}"
+
+
+def test_the_page_sends_its_message_over_its_socket(page: Page) -> None:
+    log_in(page, MEMBER)
+    frames: list[str] = []
+    posts: list[str] = []
+    page.on("websocket", lambda socket: socket.on("framesent", lambda payload: frames.append(str(payload))))
+    page.on("request", lambda request: posts.append(request.url) if request.method == "POST" else None)
+    page.get_by_label("Message").fill("Sent over the socket")
+    page.get_by_label("Message").press("Enter")
+
+    expect(page.locator("#messages .message.assistant")).to_have_class(re.compile(r"\bdone\b"), timeout=ANSWER_TIMEOUT_MS)
+    sent = [frame for frame in frames if '"chat.send"' in frame]
+    assert len(sent) == 1 and "Sent over the socket" in sent[0]
+    assert not [url for url in posts if url.endswith("/messages/")]  # only the new conversation was POSTed
+    expect(page.get_by_label("Message")).to_have_value("")
+
+
+def test_without_its_socket_the_page_posts_the_message_and_the_answer_is_there_after_a_reload(page: Page) -> None:
+    log_in(page, MEMBER)
+    # The conversation's socket is refused every time (a proxy that drops WebSockets, say).
+    page.route_web_socket(re.compile(r"/ws/chat/\d+/$"), lambda socket: socket.close(code=1011))
+    posts: list[str] = []
+    page.on("request", lambda request: posts.append(request.url) if request.method == "POST" else None)
+    page.get_by_label("Message").fill("Sent without a socket")
+    page.get_by_label("Message").press("Enter")
+
+    expect(page.locator("#messages .message.user")).to_have_text("Sent without a socket")
+    expect(page.get_by_label("Message")).to_have_value("")
+    assert [url for url in posts if url.endswith("/messages/")]
+    answer = page.locator("#messages .message.assistant.done")
+    for _ in range(30):  # no live updates without the socket: reload until the answer is saved
+        page.reload()
+        if answer.count():
+            break
+        page.wait_for_timeout(1_000)
+    expect(answer).to_have_count(1)
+    expect(answer.locator(".body")).not_to_be_empty()
