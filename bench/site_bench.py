@@ -24,7 +24,7 @@ import asyncio
 import json
 import tempfile
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -47,6 +47,7 @@ MODEL_THREADS = 1
 CROWD = 100
 CROWD_TOKENS = 24
 T = TypeVar("T")
+Run = tuple[float, float, list[float]]  # time to first piece, pieces per second, gaps between pieces
 QUESTION = "Describe what a Python package is, in a few sentences."
 
 
@@ -55,7 +56,7 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
-async def direct(tabby: TabbyServer, client: httpx.AsyncClient, tokens: int) -> tuple[float, float, list[float]]:
+async def direct(tabby: TabbyServer, client: httpx.AsyncClient, tokens: int) -> Run:
     """(time to first token, pieces per second, gaps between pieces) straight from the model server."""
     body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": tokens, "stream": True}
     started = time.perf_counter()
@@ -67,7 +68,7 @@ async def direct(tabby: TabbyServer, client: httpx.AsyncClient, tokens: int) -> 
     return summary(started, stamps)
 
 
-def summary(started: float, stamps: list[float]) -> tuple[float, float, list[float]]:
+def summary(started: float, stamps: list[float]) -> Run:
     """(time to first piece, pieces per second, gaps); an answer that ended at once has no pieces."""
     if not stamps:
         return float("nan"), 0.0, []
@@ -75,7 +76,7 @@ def summary(started: float, stamps: list[float]) -> tuple[float, float, list[flo
     return stamps[0] - started, len(stamps) / max(stamps[-1] - started, 1e-9), gaps
 
 
-async def through_gantry(site: Site, client: httpx.AsyncClient, cookie: str) -> tuple[float, float, list[float]]:
+async def through_gantry(site: Site, client: httpx.AsyncClient, cookie: str) -> Run:
     """As a page does: the message over the conversation's socket, the answer from it."""
     conversation = (await client.post(site.url + "/api/conversations/", json={})).json()
     url = site.url.replace("http://", "ws://") + f"/ws/chat/{conversation['id']}/"
@@ -111,23 +112,32 @@ async def after_a_pause(asking: Awaitable[T]) -> T:
     return await asking
 
 
+async def in_pairs(rounds: int, gantry: Callable[[], Awaitable[Run]], plain: Callable[[], Awaitable[Run]]) -> list[tuple[Run, Run]]:
+    """One answer through Gantry and one direct a round, back to back, in turns which goes first."""
+    measured = []
+    for n in range(rounds):
+        if n % 2:
+            first = await gantry()
+            measured.append((first, await plain()))
+        else:
+            first = await plain()
+            measured.append((await gantry(), first))
+    return measured
+
+
 async def first_tokens(tabby: TabbyServer, site: Site, pairs: int = FIRST_TOKEN_PAIRS, how: str = "") -> None:
     client, cookie = await logged_in(site)
     try:
         await direct(tabby, client, FIRST_TOKEN_TOKENS)
         await through_gantry(site, client, cookie)  # warm-up
-        measured = []
-        for n in range(pairs):
-            ask_gantry, ask_direct = through_gantry(site, client, cookie), direct(tabby, client, FIRST_TOKEN_TOKENS)
-            if n % 2:
-                gantry = await after_a_pause(ask_gantry)
-                plain = await after_a_pause(ask_direct)
-            else:
-                plain = await after_a_pause(ask_direct)
-                gantry = await after_a_pause(ask_gantry)
-            measured.append((gantry[0] * 1000, plain[0] * 1000))
+        runs = await in_pairs(
+            pairs,
+            lambda: after_a_pause(through_gantry(site, client, cookie)),
+            lambda: after_a_pause(direct(tabby, client, FIRST_TOKEN_TOKENS)),
+        )
     finally:
         await client.aclose()
+    measured = [(gantry[0] * 1000, plain[0] * 1000) for gantry, plain in runs]
     print(f"First token through Gantry (WebSocket) vs the model server directly, {MODEL}, {pairs} pairs{how}:")
     report("time to first token through Gantry", median([g for g, _ in measured]), "ms", median([d for _, d in measured]))
     added = sorted(g - d for g, d in measured)
@@ -142,17 +152,10 @@ async def single_streams(tabby: TabbyServer, site: Site) -> None:
     try:
         await direct(tabby, client, TOKENS)
         await through_gantry(site, client, cookie)  # warm-up
-        measured = []
-        for n in range(ROUNDS):
-            if n % 2:
-                gantry = await through_gantry(site, client, cookie)
-                plain = await direct(tabby, client, TOKENS)
-            else:
-                plain = await direct(tabby, client, TOKENS)
-                gantry = await through_gantry(site, client, cookie)
-            measured.append((gantry[1], plain[1]))
+        runs = await in_pairs(ROUNDS, lambda: through_gantry(site, client, cookie), lambda: direct(tabby, client, TOKENS))
     finally:
         await client.aclose()
+    measured = [(gantry[1], plain[1]) for gantry, plain in runs]
     ratios = sorted(g / d for g, d in measured)
     print(f"Streaming through Gantry (WebSocket) vs the model server directly, {MODEL}, {TOKENS} tokens, {ROUNDS} pairs:")
     report("tokens/s through Gantry (medians)", median([g for g, _ in measured]), "tok/s", median([d for _, d in measured]))
