@@ -149,8 +149,8 @@ def message_of(answer_id: int) -> Callable[[dict[str, Any]], bool]:
 async def stopped_mid_answer(site: Site, client: httpx.Client, stop_the_answer: bool) -> tuple[dict[str, Any], str]:
     """Post a message and press Stop once its answer streams; returns the question and the text streamed.
 
-    The tiny model sometimes ends an answer within milliseconds; when the answer was over before Stop
-    landed, ask again.
+    The tiny model sometimes ends an answer within milliseconds, even before its first token; when the
+    answer was over before Stop landed, ask again.
     """
     conversation = new_conversation(client)
     async with site.socket(f"/ws/chat/{conversation['id']}/", client) as socket:
@@ -158,8 +158,11 @@ async def stopped_mid_answer(site: Site, client: httpx.Client, stop_the_answer: 
             question = client.post(
                 f"/api/conversations/{conversation['id']}/messages/", json={"content": "Tell me a story"}
             ).json()
-            events = await receive_until(socket, lambda e: e["type"] == "chat.token")
+            events = await receive_until(socket, lambda e: e["type"] in {"chat.token", "chat.done"})
             answer_id = events[-1]["message_id"]
+            if events[-1]["type"] == "chat.done":  # over before its first token: ask again
+                await receive_until(socket, message_of(answer_id))
+                continue
             stopped = client.post(f"/api/messages/{answer_id if stop_the_answer else question['id']}/stop/")
             assert stopped.status_code == 200, stopped.text
             events += await receive_until(socket, done_with(answer_id))
