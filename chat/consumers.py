@@ -61,6 +61,8 @@ class ChatConsumer(EventConsumer):
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         # Sent here rather than POSTed, a message's answer starts sooner: no HTTP request to parse, no
         # middleware, no session to look up, no conversation to find first (its owner was checked at connect).
+        # In a web thread, as a POST would be (database_sync_to_async's one shared thread would queue every
+        # socket's connect behind a post waiting for its request's head start).
         if isinstance(content, dict) and content.get("type") == "chat.send":
             await self.send_json(await in_web_thread(self._post, content.get("content"), content.get("ref")))
 
