@@ -14,8 +14,8 @@ import httpx
 import websockets
 
 from bench.common import median, report
-from tests.site import ADMIN, MEMBER, Site, run_site
-from tests.tabby.server import ADMIN_KEY, API_KEY, DEMO_MODELS, TabbyServer, run_tabby, wait_loaded
+from harness.site import ADMIN, MEMBER, Site, run_site
+from harness.tabby_server import ADMIN_KEY, API_KEY, DEMO_MODELS, TabbyServer, run_tabby, wait_loaded
 
 MODELS = ("Small-Chat-200M", "Tiny-Chat-5M")
 ROUNDS = 6

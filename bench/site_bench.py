@@ -32,8 +32,8 @@ import httpx
 import websockets
 
 from bench.common import median, report
-from tests.site import MEMBER, Site, run_site
-from tests.tabby.server import API_KEY, DEMO_MODELS, TabbyServer, run_tabby, wait_loaded
+from harness.site import MEMBER, Site, run_site
+from harness.tabby_server import API_KEY, DEMO_MODELS, TabbyServer, run_tabby, wait_loaded
 
 MODEL = "Small-Chat-200M"
 TINY = "Tiny-Chat-5M"

@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 
 from bench.common import median, report
-from tests.site import ADMIN, Site, run_site
-from tests.tabby.server import DEMO_MODELS, TabbyServer, run_tabby, wait_loaded
+from harness.site import ADMIN, Site, run_site
+from harness.tabby_server import DEMO_MODELS, TabbyServer, run_tabby, wait_loaded
 
 A, B = "Tiny-Chat-5M", "Small-Chat-200M"
 ROUNDS = 7

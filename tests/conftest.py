@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from tabby.demo import make_demo_models
-from tests.site import Site, run_site
-from tests.tabby.server import DEMO_MODELS, TabbyServer, run_tabby, wait_loaded
+from harness.site import Site, run_site
+from harness.tabby_server import DEMO_MODELS, TabbyServer, run_tabby, wait_loaded
 
 TINY = "Tiny-Chat-5M"
 # One torch thread: the site, the tests and the model server share the CPU, and torch's spinning worker

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from tests.site import MEMBER, Site, receive_until
+from harness.site import MEMBER, Site, receive_until
 
 FINAL = {"done", "failed", "cancelled"}
 

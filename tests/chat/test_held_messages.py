@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from tests.models_admin.live import backend, query, started_together, wait_until
-from tests.site import (
+from harness.site import (
     ADMIN,
     MEMBER,
     OUTSIDER,
@@ -38,7 +38,7 @@ from tests.site import (
     start_daphne,
     stop,
 )
-from tests.tabby.server import TabbyServer, free_port, run_tabby, wait_loaded
+from harness.tabby_server import TabbyServer, free_port, run_tabby, wait_loaded
 
 TINY = "Tiny-Chat-5M"
 TINY_V2 = "Tiny-Chat-5M-v2"

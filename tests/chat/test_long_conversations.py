@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 
-from tests.site import MEMBER, Site
+from harness.site import MEMBER, Site
 
 
 def answered(client: httpx.Client, conversation_id: int, question_id: int) -> dict[str, Any]:

@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from tests.conftest import TINY, TINY_SERVER
-from tests.site import MEMBER, Site, receive_until, run_site
-from tests.tabby.server import free_port, run_tabby, wait_loaded
+from harness.site import MEMBER, Site, receive_until, run_site
+from harness.tabby_server import free_port, run_tabby, wait_loaded
 
 DOWN = "The model server cannot be reached right now. Your message is kept: press Retry to send it again."
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from tests.site import MEMBER, OUTSIDER, Site
+from harness.site import MEMBER, OUTSIDER, Site
 
 EVIL = "http://evil.example"
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tests.site import MEMBER, Site, receive_until
-from tests.tabby.server import free_port
+from harness.site import MEMBER, Site, receive_until
+from harness.tabby_server import free_port
 
 Event = dict[str, Any]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from tests.site import MEMBER, Site
+from harness.site import MEMBER, Site
 
 
 def test_a_posted_message_gets_a_saved_answer(site: Site) -> None:

@@ -24,8 +24,8 @@ from websockets.exceptions import InvalidStatus
 from gantry.asgi import application
 from models_admin.models import Backend
 from tests.conftest import TINY
-from tests.site import MEMBER, OUTSIDER, Site, receive_until
-from tests.tabby.server import ADMIN_KEY, API_KEY, TabbyServer
+from harness.site import MEMBER, OUTSIDER, Site, receive_until
+from harness.tabby_server import ADMIN_KEY, API_KEY, TabbyServer
 
 Event = dict[str, Any]
 

@@ -14,8 +14,8 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
 
-from tests.site import Site, run_site
-from tests.tabby.server import TabbyServer
+from harness.site import Site, run_site
+from harness.tabby_server import TabbyServer
 
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 # Without the background-networking flags Chromium keeps calling home, which a closed network punishes.

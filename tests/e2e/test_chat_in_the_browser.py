@@ -7,7 +7,7 @@ import re
 from playwright.sync_api import Dialog, Page, WebSocketRoute, expect
 
 from tests.e2e.conftest import log_in
-from tests.site import ADMIN, MEMBER, Site
+from harness.site import ADMIN, MEMBER, Site
 
 ANSWER_TIMEOUT_MS = 60_000
 

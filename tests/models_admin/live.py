@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 
 import httpx
 
-from tests.site import Site
-from tests.tabby.server import TabbyServer
+from harness.site import Site
+from harness.tabby_server import TabbyServer
 
 T = TypeVar("T")
 

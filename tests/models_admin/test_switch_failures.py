@@ -21,8 +21,8 @@ import httpx
 import pytest
 
 from tests.models_admin.live import backend, disagreement, loaded_model, operations, started_together, wait_until
-from tests.site import ADMIN, MEMBER, Site, run_site
-from tests.tabby.server import ROOT, TabbyServer, free_port, load_events, run_tabby, wait_loaded
+from harness.site import ADMIN, MEMBER, Site, run_site
+from harness.tabby_server import ROOT, TabbyServer, free_port, load_events, run_tabby, wait_loaded
 
 TINY = "Tiny-Chat-5M"
 SMALL = "Small-Chat-200M"

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import pytest
 
 from tests.production.stack import private_database, private_redis
-from tests.site import Site, run_site, start_daphne
-from tests.tabby.server import TabbyServer, free_port
+from harness.site import Site, run_site, start_daphne
+from harness.tabby_server import TabbyServer, free_port
 
 
 @dataclass

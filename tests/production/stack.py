@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.models_admin.live import wait_until
-from tests.site import Site
-from tests.tabby.server import ROOT, free_port
+from harness.site import Site
+from harness.tabby_server import ROOT, free_port
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 

@@ -9,7 +9,7 @@ from typing import Any
 from websockets.sync.client import connect
 
 from tests.production.conftest import ProductionSite
-from tests.site import MEMBER
+from harness.site import MEMBER
 
 
 def socket_url(http_url: str, path: str) -> str:

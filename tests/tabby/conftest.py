@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tabby.server import TabbyServer, run_tabby, wait_loaded
+from harness.tabby_server import TabbyServer, run_tabby, wait_loaded
 
 TINY = "Tiny-Chat-5M"
 SMALL = "Small-Chat-200M"

@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.tabby.server import TabbyServer, run_tabby
+from harness.tabby_server import TabbyServer, run_tabby
 
 # Where the recordings are: `shared/` sits beside the repository checkout.
 CONTRACTS_ENV = "GANTRY_CONTRACTS_DIR"

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from tests.tabby.conftest import TINY
-from tests.tabby.server import API_KEY, TabbyServer
+from harness.tabby_server import API_KEY, TabbyServer
 
 HELLO = [{"role": "user", "content": "Write a short note about Python modules."}]
 

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from tests.tabby.conftest import SMALL, TINY
-from tests.tabby.server import TabbyServer, load_events, run_tabby
+from harness.tabby_server import TabbyServer, load_events, run_tabby
 
 HELLO = [{"role": "user", "content": "Tell me about packages."}]
 

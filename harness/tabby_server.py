@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODELS = ROOT / "models"
 API_KEY = "test-api-key"
 ADMIN_KEY = "test-admin-key"

@@ -21,7 +21,7 @@ from websockets.sync.client import ClientConnection as BlockingConnection
 from websockets.sync.client import connect as connect_blocking
 from websockets.typing import Origin
 
-from tests.tabby.server import ADMIN_KEY, API_KEY, ROOT, free_port
+from harness.tabby_server import ADMIN_KEY, API_KEY, ROOT, free_port
 
 ADMIN = ("admin", "admin-password-1")
 MEMBER = ("member", "member-password-1")
