@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from tabby.api import create_app
+    from tabby.app import create_app
     from tabby.auth import load_or_create_keys
 
     overrides = {

@@ -15,15 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import HTTPException
-
 from tabby.config import Config
 from tabby.engines import create_engine
 from tabby.engines.base import Engine, LoadOptions
+from tabby.errors import ModelNameError, ModelNotLoadedError
 
 log = logging.getLogger("tabby")
 
-NOT_LOADED = "No models are currently loaded."
 LoadEvent = dict[str, Any]
 
 
@@ -66,14 +64,14 @@ class ModelManager:
             return []
 
     def resolve(self, name: str) -> Path:
-        """The folder of a model name, or the HTTP 400 TabbyAPI gives before any stream."""
+        """The folder of a model name, or the ModelNameError (HTTP 400) TabbyAPI gives before any stream."""
         if not name:
-            raise HTTPException(400, "A model name was not provided for load.")
+            raise ModelNameError("A model name was not provided for load.")
         if name in (".", "..") or "/" in name or "\\" in name or ".." in name or Path(name).is_absolute():
-            raise HTTPException(400, "A model name must be the name of a folder in the model directory, not a path.")
+            raise ModelNameError("A model name must be the name of a folder in the model directory, not a path.")
         path = self.model_dir / name
         if not path.is_dir():
-            raise HTTPException(400, "Could not find the model path for load. Check model name or config.yml?")
+            raise ModelNameError("Could not find the model path for load. Check model name or config.yml?")
         return path
 
     # State
@@ -85,7 +83,7 @@ class ModelManager:
     def require_engine(self) -> Engine:
         engine = self.ready_engine
         if engine is None:
-            raise HTTPException(503, NOT_LOADED)
+            raise ModelNotLoadedError()
         return engine
 
     @asynccontextmanager
@@ -104,7 +102,7 @@ class ModelManager:
     # Loading
 
     def start_load(self, request: LoadRequest) -> asyncio.Queue[LoadEvent | None]:
-        """Validate the name now (HTTP errors), then load in a task; events end with None."""
+        """Validate the name now (ModelNameError), then load in a task; events end with None."""
         path = self.resolve(request.model_name)
         events: asyncio.Queue[LoadEvent | None] = asyncio.Queue()
         task = asyncio.create_task(self._load(path, request, events))
@@ -116,7 +114,7 @@ class ModelManager:
         async with self._load_lock:
             try:
                 await self._load_locked(path, request, events.put_nowait)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001  any failure is the load's last event, not the server's
                 log.warning("Loading %s failed: %s", path.name, exc)
                 events.put_nowait(error_event(str(exc) or type(exc).__name__))
             finally:
@@ -169,10 +167,10 @@ class ModelManager:
 
     async def unload(self) -> None:
         if self.loading or self.engine is None:
-            raise HTTPException(503, NOT_LOADED)
+            raise ModelNotLoadedError()
         async with self._load_lock:
             if self.engine is None:
-                raise HTTPException(503, NOT_LOADED)
+                raise ModelNotLoadedError()
             await self._drain_and_unload()
 
     async def _drain_and_unload(self) -> None:

@@ -1,8 +1,8 @@
 """The small interface every engine implements.
 
 An engine owns one loaded model: its weights, tokenizer and generator. The server
-(`tabby.manager`) serialises loads, tracks running generations and speaks HTTP; an
-engine only loads, tokenizes, generates and unloads.
+(`tabby.manager`) serialises loads and tracks running generations, `tabby.routes` speaks
+HTTP; an engine only loads, tokenizes, generates and unloads.
 """
 
 from __future__ import annotations

@@ -1,0 +1,40 @@
+"""The errors the model manager raises for a request it refuses, apart from how HTTP says them.
+
+The manager knows why a request cannot be served, not which protocol asked; each error carries the
+status and sentence TabbyAPI answers with, and the app factory turns them into its `{"detail": ...}` body.
+"""
+
+from __future__ import annotations
+
+NOT_LOADED = "No models are currently loaded."
+
+
+class TabbyError(Exception):
+    """A request the server refuses: `status` is its HTTP status, `detail` what the client reads."""
+
+    status: int = 500
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class ModelNameError(TabbyError):
+    """A load names no folder of the model directory (TabbyAPI answers 400 before any stream)."""
+
+    status = 400
+
+
+class ModelNotLoadedError(TabbyError):
+    """No model is ready to serve: none is loaded, or one is loading or unloading."""
+
+    status = 503
+
+    def __init__(self, detail: str = NOT_LOADED) -> None:
+        super().__init__(detail)
+
+
+class ModelUnavailableError(TabbyError):
+    """The model a request needs could not be had: its inline load failed, or it changed under the request."""
+
+    status = 503
