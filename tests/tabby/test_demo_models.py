@@ -181,12 +181,12 @@ def test_it_cleans_up_the_leftovers_of_an_interrupted_run(tmp_path: Path) -> Non
 
 
 def test_an_interrupted_run_never_looks_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tabby import demo
+    from tabby.demo import writing
 
     def fail(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(demo, "_write_weights", fail)
+    monkeypatch.setattr(writing, "_write_weights", fail)
     with pytest.raises(KeyboardInterrupt):
         make_demo_models(tmp_path, [TINY], log=lambda line: None)
     assert list(tmp_path.iterdir()) == []
