@@ -2,6 +2,8 @@
 
 exllamav2 builds or loads its CUDA extension at import time (even `ExLlamaV2Config` needs it),
 so nothing here imports it, or torch, until a load starts: `import_exllamav2()` is the only door.
+The checks made before that door live in `exllamav2_support`; what the engine hands the generator
+and takes back from it (sampler settings, results, cancelled jobs) in `exllamav2_jobs`.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +22,20 @@ from tabby.engines.base import (
     ModelFolderError,
     SamplingParams,
 )
+from tabby.engines.exllamav2_jobs import (
+    GenerationAbortedError,
+    cancel_jobs,
+    halt_jobs,
+    narrows_penalty_range,
+    result_chunk,
+    run_on_loop,
+    sampler_settings,
+    token_count,
+)
 from tabby.engines.exllamav2_support import (
     CACHE_CLASSES,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_RESERVE_MB,
-    LOOP_TIMEOUT_S,
     MAX_Q_SIZE,
     PAGE_SIZE,
     ExLlamaV2Modules,
@@ -45,34 +56,9 @@ from tabby.templating import (
 )
 
 
-class GenerationAbortedError(RuntimeError):
-    """The model was unloaded while an answer was still being generated."""
-
-    def __init__(self) -> None:
-        super().__init__("The model was unloaded while this answer was being generated.")
-
 def _report_progress(module: int, modules: int) -> Iterator[tuple[int, int]]:
     # exllamav2 runs this before module `module` loads, then once more as (n, n): k modules are loaded.
     yield module, modules
-
-
-def _current_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
-def _run_on_loop(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None], inline: Callable[[], None]) -> None:
-    """Await `coro` on `loop` from another thread; on the loop's own thread (or a stopped loop) run `inline`."""
-    if loop.is_closed():
-        coro.close()
-    elif loop.is_running() and _current_loop() is not loop:
-        asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=LOOP_TIMEOUT_S)
-    else:
-        # Waiting for the loop from its own thread would deadlock.
-        coro.close()
-        inline()
 
 
 class ExLlamaV2Engine:
@@ -259,20 +245,21 @@ class ExLlamaV2Engine:
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationChunk]:
         max_new_tokens = self._max_new_tokens(len(prompt_ids), params.max_tokens)
         generator = self._ensure_generator()
-        settings = self._sampler_settings(params)
+        assert self._lib is not None
+        settings = sampler_settings(self._lib.generator, params)
         job = self._start_job(generator, prompt_ids, params, settings, max_new_tokens)
         self._jobs.add(job)
-        narrow_range = _narrows_penalty_range(params)
+        narrow_range = narrows_penalty_range(params)
         finished, generated = False, 0
         try:
             async for result in job:
                 if result.get("stage") != "streaming":
                     continue
-                generated += _token_count(result)
+                generated += token_count(result)
                 if narrow_range:
                     settings.token_repetition_range = generated
                 finished = bool(result["eos"])
-                yield _chunk(result, generated)
+                yield result_chunk(result, generated)
             if not finished:
                 raise GenerationAbortedError()
         finally:
@@ -306,26 +293,6 @@ class ExLlamaV2Engine:
             )
             self._generator, self._generator_loop = generator, loop
         return generator
-
-    def _sampler_settings(self, params: SamplingParams) -> Any:
-        """Every field set: the library's defaults are not neutral (temperature 0.8, top_k 50, ...)."""
-        assert self._lib is not None
-        greedy = params.temperature < 0.01
-        return self._lib.generator.ExLlamaV2Sampler.Settings(
-            temperature=1.0 if greedy else params.temperature,
-            top_k=1 if greedy else max(params.top_k, 0),
-            top_p=0.0 if greedy else params.top_p,
-            min_p=0.0 if greedy else params.min_p,
-            top_a=0.0, tfs=0.0, typical=0.0, skew=0.0, smoothing_factor=0.0, temperature_last=False,
-            min_temp=0.0, max_temp=0.0, temp_exponent=1.0,
-            token_repetition_penalty=params.repetition_penalty,
-            token_repetition_range=0 if _narrows_penalty_range(params) else params.penalty_range,
-            token_repetition_decay=0,
-            token_frequency_penalty=params.frequency_penalty,
-            token_presence_penalty=params.presence_penalty,
-            mirostat=False, mirostat_tau=1.5, mirostat_eta=0.1,
-            token_bias=None, cfg_scale=None, dry_multiplier=0.0, xtc_probability=0.0, xtc_threshold=0.1,
-        )
 
     def stop_conditions(self, params: SamplingParams) -> list[int | str]:
         """Request stops plus every EOS id: nothing stops on EOS by default."""
@@ -398,7 +365,7 @@ class ExLlamaV2Engine:
         generator, loop, jobs = self._generator, self._generator_loop, list(self._jobs)
         if generator is None or loop is None or not jobs:
             return
-        _run_on_loop(loop, _cancel_jobs(generator, jobs), lambda: _halt_jobs(generator, jobs))
+        run_on_loop(loop, cancel_jobs(generator, jobs), lambda: halt_jobs(generator, jobs))
 
     def _unload_model(self) -> None:
         model, self._model = self._model, None
@@ -413,7 +380,7 @@ class ExLlamaV2Engine:
         self._generator, self._generator_loop = None, None
         self._jobs.clear()
         if generator is not None and loop is not None:
-            _run_on_loop(loop, generator.close(), generator.iteration_task.cancel)
+            run_on_loop(loop, generator.close(), generator.iteration_task.cancel)
 
     def _free_memory(self) -> None:
         import torch
@@ -427,41 +394,3 @@ def _tokenizer_token(tokenizer: Any, name: str) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _narrows_penalty_range(params: SamplingParams) -> bool:
-    # exllamav2 counts the prompt in frequency/presence penalties; OpenAI counts only the answer.
-    return (params.frequency_penalty != 0 or params.presence_penalty != 0) and params.penalty_range == -1
-
-
-def _token_count(result: dict[str, Any]) -> int:
-    token_ids = result.get("token_ids")
-    return int(token_ids.shape[-1]) if token_ids is not None else 0
-
-
-def _chunk(result: dict[str, Any], generated: int) -> GenerationChunk:
-    text = result.get("text", "")  # absent in some results, e.g. the last one after a stop token
-    if not result["eos"]:
-        return GenerationChunk(text=text, token_count=generated)
-    return GenerationChunk(
-        text=text,
-        token_count=result.get("new_tokens", generated),
-        finish_reason="length" if result.get("eos_reason") == "max_new_tokens" else "stop",
-        stop_str=result.get("eos_triggering_string"),
-        prompt_tokens=result.get("prompt_tokens", 0),
-        completion_tokens=result.get("new_tokens", generated),
-    )
-
-
-async def _cancel_jobs(generator: Any, jobs: list[Any]) -> None:
-    for job in jobs:
-        if job.job in generator.jobs:
-            await job.cancel()
-        # A consumer already waiting on the job's queue never looks at `cancelled` again.
-        await job.put_result(GenerationAbortedError())
-
-
-def _halt_jobs(generator: Any, jobs: list[Any]) -> None:
-    # We hold the loop's thread (or nobody runs the loop), so iterate() is not running now, and a
-    # cancelled task never calls it again.
-    generator.iteration_task.cancel()
-    for job in jobs:
-        job.queue.put_nowait(GenerationAbortedError())
