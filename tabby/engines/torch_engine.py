@@ -266,7 +266,7 @@ class TorchEngine:
         if not done:
             try:
                 done = self._step(job)
-            except Exception as exc:  # a failed step ends that job only
+            except Exception as exc:  # noqa: BLE001  a failed step ends that job only
                 job.push(exc)
                 done = True
         if done:

@@ -333,7 +333,7 @@ class ExLlamaV2DynamicGeneratorAsync(Recorded):
                 await asyncio.sleep(0)
         except asyncio.CancelledError:
             return
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  as exllamav2 does: any failure goes to every waiting job
             for async_job in self.jobs.values():
                 await async_job.put_result(exc)
 
@@ -605,7 +605,7 @@ def test_cache_size_is_rounded_up_to_whole_pages_and_caps_the_context(tmp_path: 
 
 
 def test_overrides_reach_the_config_before_arch_compat_overrides(tmp_path: Path, standin: StandIn) -> None:
-    engine, _ = loaded_engine(model_folder(tmp_path), max_seq_len=8192, rope_scale=2.0, rope_alpha=2.5)
+    loaded_engine(model_folder(tmp_path), max_seq_len=8192, rope_scale=2.0, rope_alpha=2.5)
     seen = standin.details("arch_compat_overrides")
     assert (seen["max_seq_len"], seen["scale_pos_emb"], seen["scale_alpha_value"]) == (8192, 2.0, 2.5)
     assert standin.details("cache")["max_seq_len"] == 8192
