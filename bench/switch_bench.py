@@ -73,7 +73,7 @@ async def during_switch(site: Site, cookies: httpx.Cookies, target: str) -> None
         switch = asyncio.create_task(client.post("/api/admin/models/switch", json={"model_id": target}))
         await asyncio.sleep(0.3)  # let the switch start: the requests below run while it is under way
         urls = ["/", "/admin/models/", "/admin/activity/", "/api/admin/models", "/api/conversations/"]
-        calls = [("GET", urls[i % len(urls)], {}) for i in range(180)]
+        calls: list[tuple[str, str, dict[str, object]]] = [("GET", urls[i % len(urls)], {}) for i in range(180)]
         calls += [("POST", "/api/admin/models/switch", {"json": {"model_id": A}}) for _ in range(20)]
         gate = asyncio.Semaphore(20)
 

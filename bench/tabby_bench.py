@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 
 from bench.common import median, report
+from harness.tabby_server import DEMO_MODELS, TabbyServer, load_events, run_tabby
 from tabby.engines.base import LoadOptions, SamplingParams
 from tabby.engines.torch_engine import TorchEngine
-from harness.tabby_server import DEMO_MODELS, TabbyServer, load_events, run_tabby
 
 MODEL = "Small-Chat-200M"
 LARGE = "Large-Chat-1G"

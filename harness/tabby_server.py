@@ -59,7 +59,7 @@ def run_tabby(
     """Run `python -m tabby serve` in `workdir` until the block ends; wait for /health first."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "api_tokens.yml").write_text(yaml.safe_dump(keys or {"api_key": API_KEY, "admin_key": ADMIN_KEY}))
-    settings = {"network": {"host": "127.0.0.1", "port": port or free_port()}, "model": {"model_dir": str(model_dir)}}
+    settings: dict[str, dict[str, Any]] = {"network": {"host": "127.0.0.1", "port": port or free_port()}, "model": {"model_dir": str(model_dir)}}
     for section, values in (config or {}).items():
         settings.setdefault(section, {}).update(values)
     (workdir / "config.yml").write_text(yaml.safe_dump(settings))

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from tabby.demo import make_demo_models
 from harness.site import Site, run_site
 from harness.tabby_server import DEMO_MODELS, TabbyServer, run_tabby, wait_loaded
+from tabby.demo import make_demo_models
 
 TINY = "Tiny-Chat-5M"
 # One torch thread: the site, the tests and the model server share the CPU, and torch's spinning worker

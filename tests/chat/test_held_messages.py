@@ -24,7 +24,6 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.models_admin.live import backend, query, started_together, wait_until
 from harness.site import (
     ADMIN,
     MEMBER,
@@ -39,6 +38,7 @@ from harness.site import (
     stop,
 )
 from harness.tabby_server import TabbyServer, free_port, run_tabby, wait_loaded
+from tests.models_admin.live import backend, query, started_together, wait_until
 
 TINY = "Tiny-Chat-5M"
 TINY_V2 = "Tiny-Chat-5M-v2"

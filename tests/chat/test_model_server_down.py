@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import TINY, TINY_SERVER
 from harness.site import MEMBER, Site, receive_until, run_site
 from harness.tabby_server import free_port, run_tabby, wait_loaded
+from tests.conftest import TINY, TINY_SERVER
 
 DOWN = "The model server cannot be reached right now. Your message is kept: press Retry to send it again."
 

@@ -22,10 +22,10 @@ from pytest_django.fixtures import Settings
 from websockets.exceptions import InvalidStatus
 
 from gantry.asgi import application
-from models_admin.models import Backend
-from tests.conftest import TINY
 from harness.site import MEMBER, OUTSIDER, Site, receive_until
 from harness.tabby_server import ADMIN_KEY, API_KEY, TabbyServer
+from models_admin.models import Backend
+from tests.conftest import TINY
 
 Event = dict[str, Any]
 

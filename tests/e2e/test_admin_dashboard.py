@@ -17,9 +17,9 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Locator, Page, expect
 
-from tests.e2e.conftest import TIMEOUT_MS, log_in
 from harness.site import ADMIN, MEMBER, Site, run_site
 from harness.tabby_server import TabbyServer, run_tabby, wait_loaded
+from tests.e2e.conftest import TIMEOUT_MS, log_in
 
 TINY = "Tiny-Chat-5M"
 SMALL = "Small-Chat-200M"

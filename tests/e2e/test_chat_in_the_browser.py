@@ -6,8 +6,8 @@ import re
 
 from playwright.sync_api import Dialog, Page, WebSocketRoute, expect
 
-from tests.e2e.conftest import log_in
 from harness.site import ADMIN, MEMBER, Site
+from tests.e2e.conftest import log_in
 
 ANSWER_TIMEOUT_MS = 60_000
 

@@ -21,9 +21,9 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.models_admin.live import backend, disagreement, loaded_model, operations, started_together, wait_until
 from harness.site import ADMIN, MEMBER, Site, run_site
 from harness.tabby_server import TabbyServer, free_port, run_tabby, wait_loaded
+from tests.models_admin.live import backend, disagreement, loaded_model, operations, started_together, wait_until
 
 SHARED_ENV = "GANTRY_SHARED_DIR"
 # `shared/` sits beside the repository checkout.

@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.models_admin.live import backend, disagreement, loaded_model, operations, started_together, wait_until
 from harness.site import ADMIN, MEMBER, Site, run_site
 from harness.tabby_server import ROOT, TabbyServer, free_port, load_events, run_tabby, wait_loaded
+from tests.models_admin.live import backend, disagreement, loaded_model, operations, started_together, wait_until
 
 TINY = "Tiny-Chat-5M"
 SMALL = "Small-Chat-200M"

@@ -5,9 +5,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.production.stack import private_database, private_redis
 from harness.site import Site, run_site, start_daphne
 from harness.tabby_server import TabbyServer, free_port
+from tests.production.stack import private_database, private_redis
 
 
 @dataclass

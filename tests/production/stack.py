@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.models_admin.live import wait_until
 from harness.site import Site
 from harness.tabby_server import ROOT, free_port
+from tests.models_admin.live import wait_until
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 

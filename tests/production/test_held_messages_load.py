@@ -27,10 +27,10 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect as aconnect
 
-from tests.models_admin.live import backend, operations, query, started_together, wait_until
-from tests.production.stack import private_database, private_redis, start_celery, start_worker
 from harness.site import ADMIN, MEMBER, BlockingConnection, Site, blocking_socket, receive_blocking, run_site, start_daphne
 from harness.tabby_server import free_port, run_tabby, wait_loaded
+from tests.models_admin.live import backend, operations, query, started_together, wait_until
+from tests.production.stack import private_database, private_redis, start_celery, start_worker
 
 TINY = "Tiny-Chat-5M"
 TINY_V2 = "Tiny-Chat-5M-v2"

@@ -19,10 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.models_admin.live import backend, disagreement, loaded_model, operations, started_together, wait_until
-from tests.production.stack import private_database, private_redis, start_celery, start_worker
 from harness.site import ADMIN, BlockingConnection, Site, blocking_socket, receive_blocking, run_site
 from harness.tabby_server import TabbyServer, free_port, run_tabby, wait_loaded
+from tests.models_admin.live import backend, disagreement, loaded_model, operations, started_together, wait_until
+from tests.production.stack import private_database, private_redis, start_celery, start_worker
 
 TINY = "Tiny-Chat-5M"
 SMALL = "Small-Chat-200M"

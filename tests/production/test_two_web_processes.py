@@ -8,8 +8,8 @@ from typing import Any
 
 from websockets.sync.client import connect
 
-from tests.production.conftest import ProductionSite
 from harness.site import MEMBER
+from tests.production.conftest import ProductionSite
 
 
 def socket_url(http_url: str, path: str) -> str:
