@@ -1,4 +1,8 @@
-"""The chat API (DRF, session auth): the same rules as the pages, for scripts and tests."""
+"""The chat API (DRF, session auth): the same rules as the pages, for scripts and tests.
+
+Scripts (no `Origin` header) need no CSRF token; a browser request must come from this site and, once
+logged in, carry the CSRF token (gantry/origins.py).
+"""
 
 from __future__ import annotations
 
@@ -19,13 +23,12 @@ from chat import services
 from chat.accounts import LoginRefused, log_in
 from chat.models import Conversation, Message
 from chat.serializers import ConversationSerializer, LoginSerializer, MessageSerializer, NewMessageSerializer
+from gantry import origins
 
 
 def refuse_cross_site(request: Any) -> None:
-    """A browser request from another site is refused; scripts (no Origin header) need no CSRF token."""
-    origin = request.META.get("HTTP_ORIGIN")
-    if origin is not None and origin != f"{request.scheme}://{request.get_host()}":
-        raise PermissionDenied("Cross-site requests are refused.")
+    if not origins.from_this_site(request):
+        raise PermissionDenied(origins.CROSS_SITE)
 
 
 class OriginCheckedSessionAuthentication(SessionAuthentication):
@@ -33,9 +36,8 @@ class OriginCheckedSessionAuthentication(SessionAuthentication):
         return 'Session realm="gantry"'  # so anonymous callers get 401, not 403
 
     def enforce_csrf(self, request: Any) -> None:
-        refuse_cross_site(request)
-        if request.META.get("HTTP_ORIGIN") is not None:
-            super().enforce_csrf(request)  # a browser page: the CSRF token too
+        if refusal := origins.refusal(request):
+            raise PermissionDenied(refusal)
 
 
 class ChatAPIView(APIView):

@@ -10,8 +10,9 @@ from django.core.exceptions import ValidationError
 from chat import services
 from chat.models import Conversation
 from gantry.broadcast import CHAT_GROUP, RefusedEvent, SentEvent, conversation_group, user_group
+from gantry.origins import CROSS_SITE, socket_from_this_site
 from gantry.serving import in_web_thread
-from gantry.sockets import EventConsumer, same_origin
+from gantry.sockets import EventConsumer
 from models_admin.services import backend_event
 
 
@@ -69,8 +70,8 @@ class ChatConsumer(EventConsumer):
     def _post(self, text: Any, ref: Any) -> SentEvent | RefusedEvent:
         if self.conversation_id is None:
             return RefusedEvent(type="chat.refused", ref=ref, detail="Open a conversation to send a message.")
-        if not same_origin(self.scope):
-            return RefusedEvent(type="chat.refused", ref=ref, detail="Cross-site requests are refused.")
+        if not socket_from_this_site(self.scope):
+            return RefusedEvent(type="chat.refused", ref=ref, detail=CROSS_SITE)
         if not isinstance(text, str):
             return RefusedEvent(type="chat.refused", ref=ref, detail="Type a message before sending.")
         try:

@@ -20,16 +20,14 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from chat.generation import Claimed, claim, generate, requeue
 from chat.models import ANSWER_HEARTBEAT_SECONDS, Message, heartbeat_cutoff
 from gantry.background import spawn
-from gantry.broadcast import MessageEvent, QueuedEvent, broadcast, conversation_group
+from gantry.broadcast import QueuedEvent, broadcast, conversation_group
 from models_admin.models import Backend
 from models_admin.services import default_backend
 
 log = logging.getLogger(__name__)
-
-# A claimed question, its answer's row, and the conversation to send TabbyAPI.
-Claimed = tuple[Message, Message, list[dict[str, str]]]
 
 _release_lock: asyncio.Lock | None = None
 _positions_pending = False
@@ -70,14 +68,12 @@ async def release() -> None:
     global _release_lock
     if _release_lock is None:
         _release_lock = asyncio.Lock()
-    from chat.services import generate  # generation uses this module's wake(); import late
-
     async with _release_lock:
         while True:
             claimed = await sync_to_async(claim_next)()
             if claimed is None:
                 break
-            asyncio.get_running_loop().create_task(generate(*claimed))
+            asyncio.get_running_loop().create_task(generate(claimed, then=wake))
     schedule_positions()
 
 
@@ -85,20 +81,16 @@ def release_here(backend: Backend | None = None) -> set[int]:
     """release() from a request's thread: a message just posted that was not claimed as it was saved
     (others waited) starts, in its turn, without waiting for a hop onto the serving loop and back into a
     thread. Returns the ids of the questions it started."""
-    from chat.services import generate
-
     started = set()
     while (claimed := claim_next(backend)) is not None:
-        spawn(generate(*claimed))
-        started.add(claimed[0].pk)
+        spawn(generate(claimed, then=wake))
+        started.add(claimed.answer.question.pk)
     schedule_positions()
     return started
 
 
 def claim_next(backend: Backend | None = None) -> Claimed | None:
     """Claim the oldest message that may be answered now, if the model is ready and a slot is free."""
-    from chat.services import claim
-
     if backend is None or not backend.is_ready:
         backend = default_backend()  # a caller's "ready" is checked again below, under the lock; not so "not ready"
     if not backend.is_ready:
@@ -154,15 +146,6 @@ def announce_positions() -> None:
     queued = waiting().order_by("created", "id").values_list("id", "conversation_id")
     for place, (message_id, conversation_id) in enumerate(queued, start=1):
         broadcast(conversation_group(conversation_id), QueuedEvent(type="chat.queued", message_id=message_id, position=place))
-
-
-def requeue(message_id: int, note: str) -> None:
-    """Put a message whose answer was cut off back in the queue (it keeps its place: its arrival time)."""
-    if Message.objects.filter(pk=message_id, status=Message.Status.GENERATING).update(
-        status=Message.Status.QUEUED, error=note, updated=timezone.now()
-    ):
-        message = Message.objects.get(pk=message_id)
-        broadcast(conversation_group(message.conversation_id), MessageEvent(type="chat.message", message=message.as_event()))
 
 
 def requeue_orphans() -> int:

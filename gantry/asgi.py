@@ -14,14 +14,20 @@ django.setup(set_prefix=False)  # before anything that imports models
 from channels.auth import AuthMiddlewareStack
 from channels.routing import ProtocolTypeRouter, URLRouter
 from channels.security.websocket import AllowedHostsOriginValidator
+from django.conf import settings
+from django.core.handlers.asgi import ASGIHandler
 from django.core.handlers.wsgi import WSGIHandler
 
 import chat.routing
 import models_admin.routing
+from chat.queue import wake
 from gantry.background import bind_serving_loop, every, in_thread
-from gantry.serving import ThreadedWSGI, async_view_handler, is_async_view
+from gantry.serving import ThreadedWSGI, is_async_view
+from models_admin.tabby_client import tls_context
+from models_admin.tasks import refresh_models
 
-async_view_application = async_view_handler()
+# Both handlers are built from the one settings.MIDDLEWARE (see gantry/serving.py).
+async_view_application = ASGIHandler()
 threaded_application = ThreadedWSGI(WSGIHandler())
 
 
@@ -48,12 +54,6 @@ _started = False
 
 def start_background_work() -> None:
     """Embedded (no Celery broker), the periodic work runs in the web process; beat does it otherwise."""
-    from django.conf import settings
-
-    from chat.queue import wake
-    from models_admin.tabby_client import tls_context
-    from models_admin.tasks import refresh_models
-
     in_thread(tls_context)  # made once, before the first answer needs it
 
     if settings.CELERY_BROKER_URL:

@@ -1,45 +1,95 @@
-"""The middleware of the async views (the admin API): on the event loop, without a thread hop a hook.
+"""The site's one middleware stack, for sync views (pages, the chat API) and async views (the admin API).
 
-Django runs each hook of a classic middleware under ASGI through sync_to_async: a dozen hand-offs
-between the loop and a thread per request, each waiting for the GIL while other requests run. The
-async views need the session's user and the security headers; those hooks read headers and cookies and
-set lazy attributes, so they run here directly. Only saving a changed session goes to a thread.
+Django's own middleware, unchanged for sync views. For async views Django would run each hook through
+sync_to_async: a dozen hand-offs between the event loop and a thread per request, each waiting for the
+GIL while other requests run. The hooks below only read headers and cookies and set lazy attributes, so
+on the loop they run directly (`OnTheLoop`); only saving a changed session goes to a thread. A
+middleware added to `settings.MIDDLEWARE` serves both kinds of view (an async view then pays Django's
+hand-offs for its hooks).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from asgiref.sync import markcoroutinefunction, sync_to_async
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.conf import settings
-from django.contrib.auth.middleware import AuthenticationMiddleware
-from django.contrib.sessions.middleware import SessionMiddleware
+from django.contrib.auth import middleware as auth
+from django.contrib.messages import middleware as messages
+from django.contrib.sessions import middleware as sessions
 from django.http import HttpRequest, HttpResponse
-from django.middleware.security import SecurityMiddleware
+from django.middleware import clickjacking, common, csrf, security
+from whitenoise.middleware import WhiteNoiseMiddleware
 
 
-class AsyncViewMiddleware:
-    sync_capable = False
+class OnTheLoop:
+    """For a MiddlewareMixin whose hooks never block: in async mode, call them without a thread hop."""
+
+    get_response: Any
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponse:
+        response = self.process_request(request) if hasattr(self, "process_request") else None
+        response = response or await self.get_response(request)
+        if hasattr(self, "process_response"):
+            response = self.process_response(request, response)
+        return response  # type: ignore[no-any-return]
+
+
+class SecurityMiddleware(OnTheLoop, security.SecurityMiddleware):
+    pass
+
+
+class CommonMiddleware(OnTheLoop, common.CommonMiddleware):
+    pass
+
+
+class CsrfViewMiddleware(OnTheLoop, csrf.CsrfViewMiddleware):
+    pass
+
+
+class AuthenticationMiddleware(OnTheLoop, auth.AuthenticationMiddleware):
+    pass  # a lazy user (and request.auser()): the session is read on first use
+
+
+class MessageMiddleware(OnTheLoop, messages.MessageMiddleware):
+    pass  # unused messages are neither read nor stored
+
+
+class XFrameOptionsMiddleware(OnTheLoop, clickjacking.XFrameOptionsMiddleware):
+    pass
+
+
+class SessionMiddleware(sessions.SessionMiddleware):
+    """The session store is lazy (read on first use); saving a changed one is the only hook that blocks."""
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponse:
+        self.process_request(request)
+        response: HttpResponse = await self.get_response(request)  # type: ignore[misc]
+        session = request.session
+        if session.modified or settings.SESSION_SAVE_EVERY_REQUEST:
+            return await sync_to_async(self.process_response)(request, response)
+        return self.process_response(request, response)  # cookie and Vary headers only
+
+
+class StaticFilesMiddleware(WhiteNoiseMiddleware):  # type: ignore[misc]
+    """WhiteNoise's static files, in a stack that also serves async views (their paths are never static)."""
+
+    sync_capable = True
     async_capable = True
 
     def __init__(self, get_response: Any) -> None:
-        self.get_response = get_response
-        self.security = SecurityMiddleware(get_response)
-        self.sessions = SessionMiddleware(get_response)
-        self.auth = AuthenticationMiddleware(get_response)
-        markcoroutinefunction(self)
+        super().__init__(get_response)
+        self.async_mode = iscoroutinefunction(get_response)
+        if self.async_mode:
+            markcoroutinefunction(self)
 
-    async def __call__(self, request: HttpRequest) -> HttpResponse:
-        redirect = self.security.process_request(request)  # the HTTPS redirect, when configured
-        if redirect is not None:
-            response: HttpResponse = redirect
-        else:
-            self.sessions.process_request(request)  # a lazy session store: read on first use
-            self.auth.process_request(request)  # a lazy user, and request.auser()
-            response = await self.get_response(request)
-        session = getattr(request, "session", None)
-        if session is not None and (session.modified or settings.SESSION_SAVE_EVERY_REQUEST):
-            response = await sync_to_async(self.sessions.process_response)(request, response)
-        else:
-            response = self.sessions.process_response(request, response)  # cookie and Vary headers only
-        return self.security.process_response(request, response)
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.async_mode:
+            return self.__acall__(request)
+        return super().__call__(request)
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponse:
+        static_file = self.find_file(request.path_info) if self.autorefresh else self.files.get(request.path_info)
+        if static_file is not None:
+            return await sync_to_async(self.serve)(static_file, request)  # type: ignore[no-any-return]
+        return await self.get_response(request)  # type: ignore[no-any-return]

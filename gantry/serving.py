@@ -1,12 +1,12 @@
 """How HTTP requests are served: sync views in a thread each, async views on the event loop.
 
 Under Django's ASGI handler a sync view pays a hop between the event loop and a thread for every
-middleware hook (and WhiteNoise, which is sync only, adds an async_to_sync round trip): a dozen hand-offs
-a request, each waiting for the GIL while other requests run. Here a sync view's request body is read on
-the loop, then the whole WSGI application (middleware chain, view, response) runs in one thread of a
-bounded pool, and the answer is sent from the loop. Async views (the admin API, whose switch call waits
-for the switch) go to a Django ASGI handler with middleware that runs on the loop, so a waiting call
-holds no thread.
+middleware hook: a dozen hand-offs a request, each waiting for the GIL while other requests run. Here a
+sync view's request body is read on the loop, then the whole WSGI application (middleware chain, view,
+response) runs in one thread of a bounded pool, and the answer is sent from the loop. Async views (the
+admin API, whose switch call waits for the switch) go to Django's ASGI handler; both handlers are built
+from the one `settings.MIDDLEWARE`, whose hooks run on the loop for async views (gantry/middleware.py),
+so a waiting call holds no thread.
 """
 
 from __future__ import annotations
@@ -21,12 +21,10 @@ from typing import IO, Any, TypeVar
 from asgiref.sync import iscoroutinefunction
 from asgiref.wsgi import WsgiToAsgiInstance
 from django.conf import settings
-from django.core.handlers.asgi import ASGIHandler
 from django.db import close_old_connections
 from django.urls import Resolver404, resolve
 
 BODY_IN_MEMORY = 65536  # bytes of a request body kept in memory before it spills to a temporary file
-ASYNC_VIEW_MIDDLEWARE = ["gantry.middleware.AsyncViewMiddleware"]
 T = TypeVar("T")
 
 
@@ -100,14 +98,3 @@ class ThreadedWSGI:
             if close is not None:
                 close()  # Django's request_finished: the thread's database connections are closed here
         return instance.response_start, content
-
-
-def async_view_handler() -> ASGIHandler:
-    """Django's ASGI handler with the async views' own middleware (Django reads the list from the
-    settings while it builds the handler, once, at start)."""
-    pages_middleware = settings.MIDDLEWARE
-    settings.MIDDLEWARE = ASYNC_VIEW_MIDDLEWARE
-    try:
-        return ASGIHandler()
-    finally:
-        settings.MIDDLEWARE = pages_middleware

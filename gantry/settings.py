@@ -47,15 +47,17 @@ INSTALLED_APPS = [
     "chat",
 ]
 
+# One stack for sync and async views: Django's own middleware, whose hooks run on the event loop for
+# async views (gantry/middleware.py).
 MIDDLEWARE = [
-    "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
-    "django.contrib.sessions.middleware.SessionMiddleware",
-    "django.middleware.common.CommonMiddleware",
-    "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
-    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "gantry.middleware.SecurityMiddleware",
+    "gantry.middleware.StaticFilesMiddleware",
+    "gantry.middleware.SessionMiddleware",
+    "gantry.middleware.CommonMiddleware",
+    "gantry.middleware.CsrfViewMiddleware",
+    "gantry.middleware.AuthenticationMiddleware",
+    "gantry.middleware.MessageMiddleware",
+    "gantry.middleware.XFrameOptionsMiddleware",
 ]
 
 ROOT_URLCONF = "gantry.urls"

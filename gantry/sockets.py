@@ -25,11 +25,3 @@ class EventConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
 
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         pass  # actions go through the HTTP API unless a consumer takes some here
-
-
-def same_origin(scope: dict[str, Any]) -> bool:
-    """Whether the socket was opened by a page of this site (its Origin is this Host), as the HTTP API
-    checks for a browser's POST: the Origin check at connect compares host names only, not ports."""
-    headers = dict(scope.get("headers", []))
-    origin, host = headers.get(b"origin", b"").decode("latin-1"), headers.get(b"host", b"").decode("latin-1")
-    return bool(host) and origin.split("://", 1)[-1] == host

@@ -1,36 +1,32 @@
-"""Switching and unloading models: requests (checked and recorded) and their runs (Celery tasks).
+"""Switching and unloading models: requests, checked and recorded, and the wait for their end.
 
 A request takes the backend's row lock, refuses a second operation (409; the same target joins the
-running switch), records an Operation and hands its id to a task. The run drains running answers,
-unloads (0-40 %), loads with progress (40-100 %), verifies with `GET /v1/model`, and on failure
-reloads the previous model. Every step is saved (the truth survives any process) and broadcast.
+running switch), records an Operation and hands its id to a task (models_admin.runner runs it). The
+admin API and the operator commands wait for its end the same way: `wait_for_end`.
 """
 
 from __future__ import annotations
 
-import logging
-import queue
-import statistics
-import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, TypeVar
+import asyncio
+from typing import Any
 
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
 from django.conf import settings
-from django.db import connection, transaction
-from django.utils import timezone
+from django.db import transaction
 
 from gantry.background import dispatch
-from gantry.broadcast import CHAT_GROUP, MODELS_GROUP, ModelProgressEvent, broadcast
+from gantry.broadcast import MODELS_GROUP
+from gantry.serving import in_web_thread
+from models_admin import tasks
 from models_admin.models import Backend, LanguageModel, Operation
-from models_admin.services import announce_state, default_backend, sync_client, sync_models
-from models_admin.signals import model_ready, model_unavailable, running_answers
-from models_admin.tabby_client import BackendError, BackendUnavailable, NoModelLoaded, TabbyClient
+from models_admin.runner import reconcile_stale_operations
+from models_admin.services import announce_state, default_backend, sync_models
+from models_admin.signals import model_unavailable
+from models_admin.tabby_errors import BackendError
 
-log = logging.getLogger(__name__)
-T = TypeVar("T")
+WAIT_CHECK_EVERY = 1.0  # seconds between reads of a running operation while waiting for its end
+BLOCKING_CHECK_EVERY = 0.2  # the same without state events to wake the wait
 
 
 class UnknownModel(Exception):
@@ -41,10 +37,6 @@ class OperationConflict(Exception):
     def __init__(self, running: Operation) -> None:
         super().__init__(f"Another operation is running: {running}")
         self.running = running
-
-
-class Stalled(Exception):
-    pass
 
 
 # Requests
@@ -117,8 +109,6 @@ def _running(backend: Backend) -> Operation | None:
 
 
 def _begin(backend: Backend, kind: str, model_name: str, user: Any, source: str) -> Operation:
-    from models_admin import tasks
-
     operation = Operation.objects.create(
         backend=backend,
         kind=kind,
@@ -142,260 +132,57 @@ def _announce_begin(backend: Backend) -> None:
     model_unavailable.send(sender=Backend, backend_id=backend.pk)
 
 
-# Runs
+# Waiting
 
 
-# Chat pages show a banner, not the bar: they get a progress event at most this often (and every step).
-CHAT_PROGRESS_EVERY = 0.5  # seconds
-# The operation's row (its progress and heartbeat) is saved at most this often within a step.
-SAVE_PROGRESS_EVERY = 0.25  # seconds
+async def wait_for_end(operation_id: int, events: bool = True, check_every: float = WAIT_CHECK_EVERY) -> Operation:
+    """Wait, holding no thread, until the operation ends.
 
-
-@dataclass
-class Reporter:
-    """Saves and broadcasts an operation's progress; its saves are also the heartbeat.
-
-    Every event goes to the Models pages (the bar moves module by module); chat pages and the database
-    get the latest one at a bounded rate, so a model of many modules costs the web process little.
+    With `events`, the models group's state events wake the wait (the operation may run in another
+    process). The database says whether it has ended, read at least every `check_every` seconds, which
+    also notices a dead worker through the operation's heartbeat. Without a serving event loop (a
+    management command), events from this process's own run come from other loops: wait without them.
     """
-
-    operation: Operation
-    load_started: float = 0.0
-    loading: str = ""  # the model being loaded (the target, or the previous one when rolling back)
-    _past_loads: list[float] | None = None
-    _last_step: str = ""
-    _last_saved: float = 0.0
-    _last_to_chat: float = 0.0
-
-    def report(self, step: str, percent: float, text: str, module: int = 0, modules: int = 0) -> None:
-        op = self.operation
-        new_step, now = step != self._last_step, time.monotonic()
-        op.step, op.percent, op.text, op.heartbeat = step, round(percent, 1), text, timezone.now()
-        if new_step or now - self._last_saved >= SAVE_PROGRESS_EVERY or percent >= 100:
-            op.save(update_fields=["step", "percent", "text", "heartbeat"])
-            self._last_saved = now
-        event = ModelProgressEvent(
-            type="model.progress",
-            operation_id=op.pk,
-            step=step,
-            model=op.to_model or op.from_model or None,
-            percent=op.percent,
-            module=module,
-            modules=modules,
-            text=text,
-            eta_seconds=self.eta(module, modules),
-        )
-        broadcast(MODELS_GROUP, event)
-        if new_step or now - self._last_to_chat >= CHAT_PROGRESS_EVERY:
-            broadcast(CHAT_GROUP, event)
-            self._last_to_chat = now
-        self._last_step = step
-
-    def start_load(self, model: str) -> None:
-        self.load_started, self.loading, self._past_loads = time.monotonic(), model, None
-
-    def beat(self) -> None:
-        Operation.objects.filter(pk=self.operation.pk).update(heartbeat=timezone.now())
-
-    def eta(self, module: int, modules: int) -> float | None:
-        """Time left for a load: from this model's past load durations, else from the pace so far."""
-        if self.operation.step not in ("loading", "rolling_back") or not self.load_started:
-            return None
-        elapsed = time.monotonic() - self.load_started
-        if self._past_loads is None:
-            self._past_loads = Operation.objects.load_seconds(self.loading)
-        if self._past_loads:
-            return round(max(0.0, statistics.median(self._past_loads) - elapsed), 1)
-        if module and modules:
-            return round(elapsed * (modules - module) / module, 1)
-        return None
-
-
-def watched(events: Iterator[T], timeout: float, beat: Callable[[], None]) -> Iterator[T]:
-    """Yield `events`, failing with Stalled when none comes for `timeout` seconds (pings don't count)."""
-    inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
-
-    def pump() -> None:
-        try:
-            for event in events:
-                inbox.put(("event", event))
-            inbox.put(("end", None))
-        except BaseException as exc:  # handed to the waiting thread
-            inbox.put(("error", exc))
-
-    threading.Thread(target=pump, name="load-events", daemon=True).start()
-    last = time.monotonic()
-    while True:
-        try:
-            kind, value = inbox.get(timeout=min(1.0, timeout))
-        except queue.Empty:
-            beat()
-            if time.monotonic() - last > timeout:
-                raise Stalled(f"The model server made no progress for {timeout:.0f} seconds.") from None
-            continue
-        if kind == "end":
-            return
-        if kind == "error":
-            raise value
-        last = time.monotonic()
-        yield value
-
-
-def run_operation(operation_id: int) -> None:
-    """The body of the Celery task: run a recorded switch or unload to its end."""
-    operation = Operation.objects.select_related("backend").get(pk=operation_id)
-    if operation.status != Operation.Status.RUNNING:
-        return
-    reporter = Reporter(operation)
+    layer: Any = get_channel_layer() if events else None
+    channel = await layer.new_channel() if layer is not None else None
+    if channel is not None:
+        await layer.group_add(MODELS_GROUP, channel)  # before the first read: no state event is missed
     try:
-        _drain(reporter)
-        with sync_client() as client:
-            _unload(client, reporter)
-            if operation.kind == Operation.Kind.SWITCH:
-                _load(client, reporter, operation.to_model, "loading", "Step 2: Loading {model}...")
-                _verify(client, operation.to_model)
-    except (Stalled, BackendError) as exc:
-        _fail(reporter, exc)
-    else:
-        _succeed(reporter)
-
-
-@contextmanager
-def beating(reporter: Reporter) -> Iterator[None]:
-    """Keep the operation's heartbeat going while a blocking call runs (an unload may drain for long)."""
-    done = threading.Event()
-
-    def beat() -> None:
-        try:
-            while not done.wait(1.0):
-                reporter.beat()
-        finally:
-            connection.close()  # this thread's own database connection
-
-    thread = threading.Thread(target=beat, name="operation-heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
+        while True:
+            operation = await in_web_thread(_ended_or_none, operation_id)
+            if operation is not None:
+                return operation
+            await _state_event(layer, channel, check_every)
     finally:
-        done.set()
-        thread.join()
+        if channel is not None:
+            await layer.group_discard(MODELS_GROUP, channel)
 
 
-def _drain(reporter: Reporter) -> None:
-    """Let answers running on the old model finish, up to GANTRY_DRAIN_TIMEOUT."""
-    deadline = time.monotonic() + settings.GANTRY_DRAIN_TIMEOUT
-    while (count := running_answers()) and time.monotonic() < deadline:
-        reporter.report("draining", 0, f"Waiting for {count} answer{'s' if count != 1 else ''} to finish...")
-        time.sleep(0.25)
+def wait_blocking(operation_id: int) -> Operation:
+    """`wait_for_end` for callers without an event loop (operator commands). Events from this process's
+    own run would come from other loops than the wait's: the database alone tells."""
+    return async_to_sync(wait_for_end)(operation_id, events=False, check_every=BLOCKING_CHECK_EVERY)
 
 
-def _unload(client: TabbyClient, reporter: Reporter) -> None:
-    reporter.report("unloading", 5, "Step 1: Unloading current model...")
+def _ended_or_none(operation_id: int) -> Operation | None:
+    operation = Operation.objects.get(pk=operation_id)
+    if (
+        operation.status == Operation.Status.RUNNING
+        and Operation.objects.stale(settings.GANTRY_OPERATION_STALE_AFTER).filter(pk=operation_id).exists()
+    ):
+        reconcile_stale_operations()
+        operation.refresh_from_db()
+    return None if operation.status == Operation.Status.RUNNING else operation
+
+
+async def _state_event(layer: Any, channel: str | None, timeout: float) -> None:
+    """Return at the next model.state event, or after `timeout` seconds (without a channel: then)."""
+    if channel is None:
+        await asyncio.sleep(timeout)
+        return
     try:
-        with beating(reporter):
-            client.unload()
-    except NoModelLoaded:
-        pass  # nothing was loaded: the step is done
-    Backend.objects.filter(pk=reporter.operation.backend_id).update(active_model="")
-    text = "Step 1: Unloading current model..." if reporter.operation.kind == Operation.Kind.SWITCH else "✓ Model unloaded"
-    reporter.report("unloading", 40 if reporter.operation.kind == Operation.Kind.SWITCH else 100, text)
-
-
-def _load(client: TabbyClient, reporter: Reporter, model: str, step: str, template: str) -> None:
-    text = template.format(model=model)
-    reporter.start_load(model)
-    reporter.report(step, 40, text)
-    for event in watched(client.load(model), settings.GANTRY_SWITCH_TIMEOUT, reporter.beat):
-        if event["model_type"] == "model":
-            reporter.report(step, 40 + 60 * event["module"] / max(event["modules"], 1), text, event["module"], event["modules"])
-    reporter.operation.load_seconds = round(time.monotonic() - reporter.load_started, 3)
-
-
-def _verify(client: TabbyClient, model: str) -> None:
-    card = client.current_model()
-    if card is None or card.get("id") != model:
-        loaded = card.get("id") if card else "nothing"
-        raise BackendError(f"After the load, TabbyAPI reports {loaded} loaded instead of {model}.")
-
-
-def _succeed(reporter: Reporter) -> None:
-    op = reporter.operation
-    switched = op.kind == Operation.Kind.SWITCH
-    _finish(op, Operation.Status.SUCCEEDED, active=op.to_model if switched else "")
-    reporter.report("done", 100, "✓ Model switched successfully!" if switched else "✓ Model unloaded")
-    if switched:
-        model_ready.send(sender=Backend, backend_id=op.backend_id, model=op.to_model)
-
-
-def _fail(reporter: Reporter, exc: Exception) -> None:
-    op = reporter.operation
-    op.error = getattr(exc, "message", None) or str(exc)
-    op.error_kind = "stalled" if isinstance(exc, Stalled) else "unreachable" if isinstance(exc, BackendUnavailable) else "failed"
-    op.save(update_fields=["error", "error_kind"])
-    log.warning("%s failed: %s", op, op.error)
-    reporter.report("failed", op.percent, f"✗ {op.error}")
-    restored = _roll_back(reporter)
-    _finish(op, Operation.Status.FAILED, active=restored)
-    if restored:
-        model_ready.send(sender=Backend, backend_id=op.backend_id, model=restored)
-
-
-def _roll_back(reporter: Reporter) -> str:
-    """Load the previous model again; return its name, or "" when that was not possible."""
-    op = reporter.operation
-    previous = op.from_model
-    if not (settings.GANTRY_ROLLBACK_ON_FAILURE and previous and op.kind == Operation.Kind.SWITCH and previous != op.to_model):
-        return ""
-    try:
-        with sync_client() as client:
-            _load(client, reporter, previous, "rolling_back", "Loading the previous model, {model}, again...")
-            _verify(client, previous)
-    except (Stalled, BackendError) as exc:
-        log.warning("Rolling back to %s failed: %s", previous, exc)
-        return ""
-    op.rolled_back = True
-    op.save(update_fields=["rolled_back"])
-    return previous
-
-
-def _finish(op: Operation, status: str, active: str) -> None:
-    with transaction.atomic():
-        backend = Backend.objects.select_for_update().get(pk=op.backend_id)
-        op.status, op.finished = status, timezone.now()
-        op.save(update_fields=["status", "finished", "load_seconds", "heartbeat"])
-        backend.active_model = active
-        backend.target_model = ""
-        backend.operation = None
-        if active:
-            backend.state = Backend.State.READY
-        else:
-            backend.state = (
-                Backend.State.UNLOADED
-                if status == Operation.Status.SUCCEEDED or op.error_kind != "unreachable"
-                else Backend.State.FAILED
-            )
-        backend.save(update_fields=["state", "active_model", "target_model", "operation", "updated"])
-    announce_state(backend)
-
-
-# Recovery
-
-
-def reconcile_stale_operations() -> int:
-    """Fail operations whose worker died, and take the state from TabbyAPI. Returns how many."""
-    stale = list(Operation.objects.stale(settings.GANTRY_OPERATION_STALE_AFTER))
-    for op in stale:
-        with transaction.atomic():
-            claimed = Operation.objects.filter(pk=op.pk, status=Operation.Status.RUNNING).update(
-                status=Operation.Status.FAILED,
-                finished=timezone.now(),
-                error_kind="interrupted",
-                error="The operation was interrupted: the process running it stopped.",
-            )
-            if claimed:
-                Backend.objects.filter(pk=op.backend_id, operation=op).update(
-                    state=Backend.State.FAILED, operation=None, target_model=""
-                )
-    if stale:
-        sync_models()
-    return len(stale)
+        async with asyncio.timeout(timeout):
+            while (await layer.receive(channel))["type"] != "model.state":
+                pass
+    except TimeoutError:
+        pass

@@ -17,7 +17,8 @@ from django.utils import timezone
 from gantry.broadcast import CHAT_GROUP, MODELS_GROUP, ModelListEvent, ModelStateEvent, broadcast
 from models_admin.models import Backend, LanguageModel, Operation
 from models_admin.signals import model_ready
-from models_admin.tabby_client import AsyncTabbyClient, BackendError, TabbyClient, TabbyConfig
+from models_admin.tabby_client import TabbyClient, TabbyConfig
+from models_admin.tabby_errors import BackendError
 
 
 def tabby_config() -> TabbyConfig:
@@ -44,10 +45,10 @@ def _tokens(path: Path, mtime_ns: int) -> tuple[str, str]:
     return str(api[0] if isinstance(api, list) else api or ""), str(tokens.get("admin_key") or "")
 
 
-_answer_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncTabbyClient] = weakref.WeakKeyDictionary()
+_answer_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TabbyClient] = weakref.WeakKeyDictionary()
 
 
-def answer_client() -> AsyncTabbyClient:
+def answer_client() -> TabbyClient:
     """The running loop's client for answers, kept open: its connections to TabbyAPI are reused, so an
     answer's first token does not wait on a new connection. Callers don't close it."""
     loop = asyncio.get_running_loop()
@@ -56,11 +57,12 @@ def answer_client() -> AsyncTabbyClient:
     if client is None or client.config != config:
         # New keys or address: a new client. The old one is not closed, which would cut the answers
         # still streaming on it; its connections close with it once those are done.
-        client = _answer_clients[loop] = AsyncTabbyClient(config)
+        client = _answer_clients[loop] = TabbyClient(config)
     return client
 
 
-def sync_client() -> TabbyClient:
+def admin_client() -> TabbyClient:
+    """A client for admin calls (close it: use as `with`)."""
     return TabbyClient(tabby_config())
 
 
@@ -79,7 +81,7 @@ def sync_models(strict: bool = False) -> Backend:
     backend = default_backend()
     seen = backend.updated
     try:
-        with sync_client() as client:
+        with admin_client() as client:
             names = [card["id"] for card in client.list_models()]
             card = client.current_model()
     except BackendError:

@@ -1,9 +1,9 @@
 """The TabbyAPI client: the one place Gantry speaks HTTP to the model server.
 
-A plain library (no Django): the settings hand in a `TabbyConfig`. There are two clients, async (chat
-streaming in the web process) and sync (tasks, management commands). What TabbyAPI sends (SSE framing,
-progress and completion events, error answers; see `contracts/tabbyapi.md`) is read by the plain
-functions and readers below, so the two classes only move bytes.
+A plain library (no Django): the settings hand in a `TabbyConfig`. One client: the admin calls (list,
+current model, unload, load with progress) block, as their callers run in worker threads and tasks; an
+answer streams on an event loop (`open_chat`). What TabbyAPI sends is read by tabby_sse (event streams)
+and tabby_errors (error answers), so the client only moves bytes.
 """
 
 from __future__ import annotations
@@ -11,96 +11,28 @@ from __future__ import annotations
 import functools
 import json
 import ssl
-from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, Self, TypedDict, TypeVar, cast
+from typing import Any, Literal, Self, TypedDict, TypeVar, cast
 
 import httpx
 
+from models_admin.tabby_errors import (
+    NOTHING_LOADED,
+    BackendAuthError,
+    BackendBadResponse,
+    BackendError,
+    BackendUnavailable,
+    NoModelLoaded,
+    fastapi_detail,
+    sentence,
+    short_text,
+)
+from models_admin.tabby_sse import ChatDelta, ChatReader, LoadProgress, LoadReader, StreamReader
+
 T = TypeVar("T")
 KeyKind = Literal["admin", "api"]
-
-# TabbyAPI's answer to generation, `GET /v1/model` and unload while nothing is loaded (or a load runs).
-NOTHING_LOADED = "No models are currently loaded."
-
-
-# Errors
-
-
-class BackendError(Exception):
-    """A failure talking to TabbyAPI.
-
-    `message` says what happened in a sentence for people; `status` is the HTTP status of TabbyAPI's error
-    answer, None when there was none (unreachable, or an error reported inside a 200 stream).
-    """
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-
-
-class BackendUnavailable(BackendError):
-    """TabbyAPI cannot be reached, stopped answering, or the connection broke."""
-
-
-class BackendAuthError(BackendError):
-    """TabbyAPI refused the key (401/403)."""
-
-
-class NoModelLoaded(BackendError):
-    """Nothing is loaded, which is also how TabbyAPI looks while a load runs."""
-
-
-class ModelLoadFailed(BackendError):
-    """A load stream reported an error, or closed before the model's final `finished` event."""
-
-
-class BackendBadResponse(BackendError):
-    """TabbyAPI refused the request or answered something Gantry cannot use."""
-
-
-class GenerationFailed(BackendError):
-    """A completion stream reported an error, or closed before the answer was complete."""
-
-
-# JSON shapes
-
-
-class LoadProgress(TypedDict):
-    """One progress event of `POST /v1/model/load`: module `module` of `modules` of one component."""
-
-    model_type: str  # "vision", "draft" or "model"
-    module: int
-    modules: int
-    status: str  # "processing" or "finished"
-
-
-class ModelCard(TypedDict, total=False):
-    id: str
-    object: str
-    created: int
-    owned_by: str
-    logging: Any
-    parameters: dict[str, Any] | None
-
-
-class Usage(TypedDict, total=False):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-@dataclass(frozen=True)
-class ChatDelta:
-    """One streamed piece of an answer; the last piece carries `finish_reason` and `usage`."""
-
-    text: str = ""
-    finish_reason: str | None = None
-    usage: Usage | None = None
-    model: str = ""
 
 
 @dataclass(frozen=True)
@@ -112,6 +44,15 @@ class TabbyConfig:
     # The longest silence allowed while waiting for an answer, or between two pieces of a stream.
     # TabbyAPI pings a load stream every 15 s by default, so a slow module does not trip it.
     read_timeout: float = 300.0
+
+
+class ModelCard(TypedDict, total=False):
+    id: str
+    object: str
+    created: int
+    owned_by: str
+    logging: Any
+    parameters: dict[str, Any] | None
 
 
 # Requests
@@ -219,50 +160,6 @@ def answer_error(call: Call, response: httpx.Response) -> BackendError:
     return BackendBadResponse(sentence(f"TabbyAPI failed to {call.action} (HTTP {status}: {said})"), status)
 
 
-def fastapi_detail(response: httpx.Response) -> str | None:
-    """FastAPI's `{"detail": ...}` as one sentence; None when the body is not that (e.g. a plain-text 500)."""
-    try:
-        data = json.loads(response.content)
-    except ValueError:
-        return None
-    if not isinstance(data, dict) or "detail" not in data:
-        return None
-    detail = data["detail"]
-    if isinstance(detail, list):  # a 422: one item per field that failed validation
-        return "; ".join(validation_item(item) for item in detail) or None
-    return str(detail).strip() or None
-
-
-def validation_item(item: Any) -> str:
-    if not isinstance(item, dict):
-        return str(item)
-    text = str(item.get("msg") or "Invalid value")
-    field = field_name(item.get("loc"))
-    ctx = item.get("ctx")
-    reason = ctx.get("error") if isinstance(ctx, dict) else None
-    return text + (f" for {field}" if field else "") + (f" ({reason})" if reason else "")
-
-
-def field_name(loc: Any) -> str:
-    """`["body", "messages", 0, "content"]` -> `messages[0].content`; `["body", 15]` -> a JSON position."""
-    if not isinstance(loc, list) or len(loc) < 2:
-        return ""
-    rest = loc[1:]  # loc[0] says where in the request: body, query, header
-    if len(rest) == 1 and isinstance(rest[0], int):
-        return f"the {loc[0]} at character {rest[0]}"
-    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in rest).lstrip(".")
-
-
-def short_text(response: httpx.Response) -> str:
-    lines = response.content.decode("utf-8", errors="replace").strip().splitlines()
-    return lines[0][:200] if lines else response.reason_phrase
-
-
-def sentence(text: str) -> str:
-    text = text.strip()
-    return text if text.endswith((".", "?", "!")) else text + "."
-
-
 # Answers
 
 
@@ -297,227 +194,96 @@ def is_event_stream(response: httpx.Response) -> bool:
     return response.is_success and response.headers.get("content-type", "").startswith("text/event-stream")
 
 
-# Server-Sent Events
+# The client
 
 
-class SseDecoder:
-    """Cuts a byte stream into the data payloads of its events, wherever the chunks happen to split it.
+class TabbyClient:
+    """TabbyAPI over httpx. Admin calls block; `open_chat` streams an answer on the running event loop.
 
-    TabbyAPI ends lines in CRLF; a chunk may end between the CR and the LF, or mid-line, or mid-character
-    (splitting on the LF byte never cuts a UTF-8 character). Comment lines (`: ping - <time>`, sent while a
-    load waits) carry no payload, so they are never mistaken for progress.
+    Use as `with` (blocking calls) or close with `aclose()` (answers); each side's connections are made on
+    first use. `transport` replaces the network in unit tests (httpx.MockTransport serves both sides).
     """
 
-    def __init__(self) -> None:
-        self._pending = b""
-        self._data: list[str] = []
-
-    def feed(self, chunk: bytes) -> list[str]:
-        *lines, self._pending = (self._pending + chunk).split(b"\n")
-        return self._payloads(lines)
-
-    def end(self) -> list[str]:
-        # A last event without its blank line still counts: better read an error than lose it.
-        lines, self._pending = [self._pending, b""], b""
-        return self._payloads(lines)
-
-    def _payloads(self, lines: list[bytes]) -> list[str]:
-        payloads = []
-        for raw in lines:
-            line = raw.removesuffix(b"\r").decode("utf-8", errors="replace")
-            if not line and self._data:
-                payloads.append("\n".join(self._data))
-                self._data = []
-            elif line.startswith("data:"):
-                self._data.append(line.removeprefix("data:").removeprefix(" "))
-        return payloads
-
-
-class StreamReader(ABC, Generic[T]):
-    """Turns one kind of event stream into items, and knows when the stream is complete."""
-
-    def __init__(self) -> None:
-        self._decoder = SseDecoder()
-        self.done = False
-
-    def feed(self, chunk: bytes) -> Iterator[T]:
-        return self._items(self._decoder.feed(chunk))
-
-    def end(self) -> Iterator[T]:
-        yield from self._items(self._decoder.end())
-        if not self.complete():
-            raise self.incomplete()
-
-    def complete(self) -> bool:
-        return self.done
-
-    def _items(self, payloads: list[str]) -> Iterator[T]:
-        # Lazy on purpose: an error event raises only after the items before it were handed over.
-        for payload in payloads:
-            if self.done:
-                return  # nothing after the final event counts
-            item = self.read(payload)
-            if item is not None:
-                yield item
-
-    @abstractmethod
-    def read(self, payload: str) -> T | None: ...
-
-    @abstractmethod
-    def incomplete(self) -> BackendError: ...
-
-
-def event_object(payload: str) -> dict[str, Any]:
-    try:
-        event = json.loads(payload)
-    except ValueError:
-        event = None
-    if not isinstance(event, dict):
-        raise unreadable("stream", payload)
-    return event
-
-
-def unreadable(kind: str, payload: str) -> BackendBadResponse:
-    return BackendBadResponse(f"TabbyAPI sent a {kind} event Gantry cannot read: {payload[:200]!r}.")
-
-
-def error_message(event: dict[str, Any]) -> str | None:
-    """The message of an `{"error": {"message": ...}}` event; None for any other event."""
-    if "error" not in event:
-        return None
-    error = event["error"]
-    message = error.get("message") if isinstance(error, dict) else error
-    return str(message or "").strip() or "TabbyAPI reported an error without saying what it was."
-
-
-class LoadReader(StreamReader[LoadProgress]):
-    def __init__(self, model_name: str) -> None:
-        super().__init__()
-        self.model_name = model_name
-
-    def read(self, payload: str) -> LoadProgress:
-        event = event_object(payload)
-        message = error_message(event)
-        if message is not None:
-            raise ModelLoadFailed(sentence(f"TabbyAPI could not load {self.model_name}: {message}"))
-        progress = progress_from(event, payload)
-        # A draft or vision component ends with its own `finished`; only the main model's ends the load.
-        self.done = progress["model_type"] == "model" and progress["status"] == "finished"
-        return progress
-
-    def incomplete(self) -> BackendError:
-        return ModelLoadFailed(
-            f"Loading {self.model_name} stopped before it finished: TabbyAPI closed the progress stream early."
-        )
-
-
-def progress_from(event: dict[str, Any], payload: str) -> LoadProgress:
-    model_type, module, modules, status = (event.get(key) for key in ("model_type", "module", "modules", "status"))
-    if not (isinstance(model_type, str) and isinstance(module, int) and isinstance(modules, int) and isinstance(status, str)):
-        raise unreadable("load progress", payload)
-    return LoadProgress(model_type=model_type, module=module, modules=modules, status=status)
-
-
-class ChatReader(StreamReader[ChatDelta]):
-    def __init__(self) -> None:
-        super().__init__()
-        self.finished = False
-
-    def read(self, payload: str) -> ChatDelta | None:
-        if payload.strip() == "[DONE]":
-            self.done = True
-            return None
-        event = event_object(payload)
-        message = error_message(event)
-        if message is not None:  # mid-stream errors come inside the 200 stream, with no [DONE]
-            raise GenerationFailed(message)
-        delta = delta_from(event, payload)
-        self.finished = self.finished or delta.finish_reason is not None
-        return delta if (delta.text or delta.finish_reason or delta.usage) else None
-
-    def complete(self) -> bool:
-        # A stream cut after the piece with the finish reason but before [DONE] still delivered the answer.
-        return self.done or self.finished
-
-    def incomplete(self) -> BackendError:
-        return GenerationFailed("TabbyAPI closed the stream before the answer was complete.")
-
-
-def delta_from(event: dict[str, Any], payload: str) -> ChatDelta:
-    choices = event.get("choices") or [{}]  # a usage-only chunk (OpenAI's way) has no choices
-    choice = choices[0] if isinstance(choices, list) else None
-    if not isinstance(choice, dict):
-        raise unreadable("completion", payload)
-    delta = choice.get("delta") or {}
-    text = (delta.get("content") or "") if isinstance(delta, dict) else None
-    finish, usage = choice.get("finish_reason"), event.get("usage")
-    if not isinstance(text, str) or not isinstance(finish, str | None) or not isinstance(usage, dict | None):
-        raise unreadable("completion", payload)
-    return ChatDelta(text=text, finish_reason=finish, usage=cast(Usage | None, usage), model=str(event.get("model") or ""))
-
-
-# The clients
-
-
-class AsyncTabbyClient:
-    """TabbyAPI over async httpx. Use as `async with`; wrap a stream in `contextlib.aclosing` to stop it
-    early: closing the stream closes the HTTP response, which makes TabbyAPI cancel the generation."""
-
-    def __init__(self, config: TabbyConfig, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, config: TabbyConfig, transport: httpx.MockTransport | None = None) -> None:
         self.config = config
-        self._http = httpx.AsyncClient(transport=transport, **client_options(config))
+        self._transport = transport
+        self._http: httpx.Client | None = None
+        self._async_http: httpx.AsyncClient | None = None
 
-    async def __aenter__(self) -> Self:
+    def __enter__(self) -> Self:
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.close()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._async_http is not None:
+            await self._async_http.aclose()
 
-    async def list_models(self) -> list[ModelCard]:
+    @property
+    def http(self) -> httpx.Client:
+        if self._http is None:
+            self._http = httpx.Client(transport=self._transport, **client_options(self.config))
+        return self._http
+
+    @property
+    def async_http(self) -> httpx.AsyncClient:
+        if self._async_http is None:
+            self._async_http = httpx.AsyncClient(transport=self._transport, **client_options(self.config))
+        return self._async_http
+
+    # Admin calls
+
+    def list_models(self) -> list[ModelCard]:
         """Every model folder on the server (the admin key sees them all)."""
-        return cards_from(LIST_MODELS, await self._json(LIST_MODELS))
+        return cards_from(LIST_MODELS, self._json(LIST_MODELS))
 
-    async def current_model(self) -> ModelCard | None:
+    def current_model(self) -> ModelCard | None:
         try:
-            return card_from(CURRENT_MODEL, await self._json(CURRENT_MODEL))
+            return card_from(CURRENT_MODEL, self._json(CURRENT_MODEL))
         except NoModelLoaded:
             return None
 
-    async def unload(self) -> None:
-        await self._json(UNLOAD)
+    def unload(self) -> None:
+        self._json(UNLOAD)
 
-    def load(self, model_name: str, **params: Any) -> AsyncGenerator[LoadProgress, None]:
+    def load(self, model_name: str, **params: Any) -> Generator[LoadProgress, None, None]:
         """Progress events in order; ends after the main model's `finished`. Pings are not yielded."""
-        return self._events(load_call(model_name, params), LoadReader(model_name))
+        call = load_call(model_name, params)
+        reader = LoadReader(model_name)
+        with translated_errors(self.config, call), self.http.stream(**request_args(self.config, call)) as response:
+            if not is_event_stream(response):
+                response.read()
+                raise answer_error(call, response)
+            for chunk in response.iter_bytes():
+                yield from reader.feed(chunk)
+                if reader.done:
+                    break
+            yield from reader.end()
 
-    def stream_chat(self, messages: Sequence[Mapping[str, Any]], **params: Any) -> AsyncGenerator[ChatDelta, None]:
-        return self._events(chat_call(messages, params), ChatReader())
+    def _json(self, call: Call) -> Any:
+        with translated_errors(self.config, call):
+            response = self.http.request(**request_args(self.config, call))
+        return json_answer(call, response)
+
+    # Answers
 
     def open_chat(
         self, messages: Sequence[Mapping[str, Any]], **params: Any
     ) -> AbstractAsyncContextManager[AsyncGenerator[ChatDelta, None]]:
-        """`stream_chat` in two steps: entered once TabbyAPI has taken the request (the answer's headers
-        came), it gives the pieces; leaving it closes the response, which stops the generation."""
+        """An answer's stream: entered once TabbyAPI has taken the request (the answer's headers came), it
+        gives the pieces; leaving it closes the response, which makes TabbyAPI stop the generation."""
         return self._opened(chat_call(messages, params), ChatReader())
-
-    async def _json(self, call: Call) -> Any:
-        with translated_errors(self.config, call):
-            response = await self._http.request(**request_args(self.config, call))
-        return json_answer(call, response)
-
-    async def _events(self, call: Call, reader: StreamReader[T]) -> AsyncGenerator[T, None]:
-        async with self._opened(call, reader) as items:
-            async for item in items:
-                yield item
 
     @asynccontextmanager
     async def _opened(self, call: Call, reader: StreamReader[T]) -> AsyncIterator[AsyncGenerator[T, None]]:
         # The caller's reading happens inside this block, so a transport error while reading is translated too.
         with translated_errors(self.config, call):
-            async with self._http.stream(**request_args(self.config, call)) as response:
+            async with self.async_http.stream(**request_args(self.config, call)) as response:
                 if not is_event_stream(response):
                     await response.aread()
                     raise answer_error(call, response)
@@ -533,54 +299,3 @@ async def _items(response: httpx.Response, reader: StreamReader[T]) -> AsyncGene
             break
     for item in reader.end():
         yield item
-
-
-class TabbyClient:
-    """TabbyAPI over sync httpx, with the same methods as AsyncTabbyClient. Use as `with`."""
-
-    def __init__(self, config: TabbyConfig, transport: httpx.BaseTransport | None = None) -> None:
-        self.config = config
-        self._http = httpx.Client(transport=transport, **client_options(config))
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._http.close()
-
-    def list_models(self) -> list[ModelCard]:
-        return cards_from(LIST_MODELS, self._json(LIST_MODELS))
-
-    def current_model(self) -> ModelCard | None:
-        try:
-            return card_from(CURRENT_MODEL, self._json(CURRENT_MODEL))
-        except NoModelLoaded:
-            return None
-
-    def unload(self) -> None:
-        self._json(UNLOAD)
-
-    def load(self, model_name: str, **params: Any) -> Generator[LoadProgress, None, None]:
-        return self._events(load_call(model_name, params), LoadReader(model_name))
-
-    def stream_chat(self, messages: Sequence[Mapping[str, Any]], **params: Any) -> Generator[ChatDelta, None, None]:
-        return self._events(chat_call(messages, params), ChatReader())
-
-    def _json(self, call: Call) -> Any:
-        with translated_errors(self.config, call):
-            response = self._http.request(**request_args(self.config, call))
-        return json_answer(call, response)
-
-    def _events(self, call: Call, reader: StreamReader[T]) -> Generator[T, None, None]:
-        with translated_errors(self.config, call), self._http.stream(**request_args(self.config, call)) as response:
-            if not is_event_stream(response):
-                response.read()
-                raise answer_error(call, response)
-            for chunk in response.iter_bytes():
-                yield from reader.feed(chunk)
-                if reader.done:
-                    break
-            yield from reader.end()

@@ -5,7 +5,7 @@ httpx.MockTransport, the one fake allowed: the recorded status, headers and exac
 where the recording kept the HTTP chunks. Successful load and chat streams could not be recorded (no
 model loads on a CPU), so they are built from the contract's documented text and cut at awkward places
 (mid-line, between CR and LF, mid-character). Unreachable servers are real closed or silent sockets.
-Every behaviour is checked on the async and the sync client alike.
+The admin calls block and an answer streams on the event loop (`open_chat`), as their callers use them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import os
 import re
 import socket
 from collections.abc import AsyncIterator, Iterator
-from contextlib import aclosing, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,20 +22,17 @@ from typing import Any
 import httpx
 import pytest
 
-from models_admin.tabby_client import (
-    AsyncTabbyClient,
+from models_admin.tabby_client import TabbyClient, TabbyConfig
+from models_admin.tabby_errors import (
     BackendAuthError,
     BackendBadResponse,
     BackendError,
     BackendUnavailable,
-    ChatDelta,
     GenerationFailed,
     ModelLoadFailed,
     NoModelLoaded,
-    TabbyClient,
-    TabbyConfig,
-    Usage,
 )
+from models_admin.tabby_sse import ChatDelta, Usage
 
 # Where the recordings are: `shared/` sits beside the repository checkout.
 CONTRACTS_ENV = "GANTRY_CONTRACTS_DIR"
@@ -196,7 +192,6 @@ def streaming(chunks: list[bytes]) -> Server:
 
 
 async def call(
-    kind: str,
     transport: httpx.MockTransport | None,
     method: str,
     *args: Any,
@@ -206,14 +201,15 @@ async def call(
 ) -> Any:
     """Call one client method as its callers do; a stream's items land in `seen` as they arrive."""
     seen = [] if seen is None else seen
-    if kind == "async":
-        async with AsyncTabbyClient(config, transport=transport) as client:
-            result = getattr(client, method)(*args, **kwargs)
-            if not hasattr(result, "__aiter__"):
-                return await result
-            async for item in result:
-                seen.append(item)
-            return seen
+    if method == "open_chat":
+        client = TabbyClient(config, transport=transport)
+        try:
+            async with client.open_chat(*args, **kwargs) as deltas:
+                async for delta in deltas:
+                    seen.append(delta)
+        finally:
+            await client.aclose()
+        return seen
     with TabbyClient(config, transport=transport) as client:
         result = getattr(client, method)(*args, **kwargs)
         if not isinstance(result, Iterator):
@@ -223,15 +219,10 @@ async def call(
         return seen
 
 
-@pytest.fixture(params=["async", "sync"])
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-async def fails(kind: str, server: Server, method: str, *args: Any, error: type[BackendError], **kwargs: Any) -> BackendError:
+async def fails(server: Server, method: str, *args: Any, error: type[BackendError], **kwargs: Any) -> BackendError:
     seen: list[Any] = []
     with pytest.raises(error) as raised:
-        await call(kind, server.transport(), method, *args, seen=seen, **kwargs)
+        await call(server.transport(), method, *args, seen=seen, **kwargs)
     assert seen == [], "nothing is handed over before the failure"
     assert raised.value.message == str(raised.value) and "\n" not in raised.value.message
     return raised.value
@@ -240,9 +231,9 @@ async def fails(kind: str, server: Server, method: str, *args: Any, error: type[
 # Listing and the current model
 
 
-async def test_it_lists_every_model_folder_with_the_admin_key(kind: str) -> None:
+async def test_it_lists_every_model_folder_with_the_admin_key() -> None:
     server = replaying(14)
-    cards = await call(kind, server.transport(), "list_models")
+    cards = await call(server.transport(), "list_models")
     assert [card["id"] for card in cards] == ["Llama-3.1-8B-Instruct", "Qwen2.5-Coder-7B-Instruct", "Broken-Model"]
     assert cards[0] == recording(14)["response"]["body_json"]["data"][0]
     request = server.requests[0]
@@ -251,13 +242,13 @@ async def test_it_lists_every_model_folder_with_the_admin_key(kind: str) -> None
 
 
 @pytest.mark.parametrize("number", [24, 25, 64, 83])
-async def test_it_reports_no_current_model_while_nothing_is_loaded(kind: str, number: int) -> None:
+async def test_it_reports_no_current_model_while_nothing_is_loaded(number: int) -> None:
     server = replaying(number)
-    assert await call(kind, server.transport(), "current_model") is None
+    assert await call(server.transport(), "current_model") is None
     assert server.requests[0].url.path == "/v1/model"
 
 
-async def test_it_returns_the_card_of_the_loaded_model(kind: str) -> None:
+async def test_it_returns_the_card_of_the_loaded_model() -> None:
     card = {
         "id": "Tiny-Chat-5M",
         "object": "model",
@@ -267,7 +258,7 @@ async def test_it_returns_the_card_of_the_loaded_model(kind: str) -> None:
         "parameters": {"max_seq_len": 2048, "cache_mode": "FP16"},
     }
     server = Server(200, [("content-type", "application/json")], Body([json.dumps(card).encode()]))
-    assert await call(kind, server.transport(), "current_model") == card
+    assert await call(server.transport(), "current_model") == card
 
 
 # Loading
@@ -276,44 +267,44 @@ async def test_it_returns_the_card_of_the_loaded_model(kind: str) -> None:
 @pytest.mark.parametrize(
     "number, model", [(31, "Broken-Model"), (32, "Llama-3.1-8B-Instruct"), (34, "Qwen2.5-Coder-7B-Instruct")]
 )
-async def test_it_reads_the_error_event_of_a_broken_model_load(kind: str, number: int, model: str) -> None:
-    error = await fails(kind, replaying(number), "load", model, error=ModelLoadFailed)
+async def test_it_reads_the_error_event_of_a_broken_model_load(number: int, model: str) -> None:
+    error = await fails(replaying(number), "load", model, error=ModelLoadFailed)
     assert model in error.message and what_tabby_said(number)[0] in error.message
     assert error.status is None
 
 
-async def test_it_skips_the_pings_of_a_slow_load_and_then_reads_its_error(kind: str) -> None:
+async def test_it_skips_the_pings_of_a_slow_load_and_then_reads_its_error() -> None:
     server = replaying(80)
     assert len(server.body.chunks) == 4 and server.body.chunks[0].startswith(b": ping - ")
-    error = await fails(kind, server, "load", "Slow-Model", error=ModelLoadFailed)
+    error = await fails(server, "load", "Slow-Model", error=ModelLoadFailed)
     assert what_tabby_said(80)[0] in error.message
 
 
 @pytest.mark.parametrize("number", [29, 30])
-async def test_it_turns_a_refused_load_into_tabbys_sentence(kind: str, number: int) -> None:
-    error = await fails(kind, replaying(number), "load", "Does-Not-Exist", error=BackendBadResponse)
+async def test_it_turns_a_refused_load_into_tabbys_sentence(number: int) -> None:
+    error = await fails(replaying(number), "load", "Does-Not-Exist", error=BackendBadResponse)
     assert error.status == 400 and what_tabby_said(number)[0] in error.message
 
 
 @pytest.mark.parametrize("number", [28, 40, 41])
-async def test_it_turns_a_validation_list_into_one_sentence(kind: str, number: int) -> None:
-    error = await fails(kind, replaying(number), "load", "X", error=BackendBadResponse)
+async def test_it_turns_a_validation_list_into_one_sentence(number: int) -> None:
+    error = await fails(replaying(number), "load", "X", error=BackendBadResponse)
     assert error.status == 422
     assert all(said in error.message for said in what_tabby_said(number))
     assert not any(mark in error.message for mark in "[{") and error.message.endswith(".")
 
 
 @pytest.mark.parametrize("number", [35, 37, 39])
-async def test_it_raises_an_auth_error_when_the_admin_key_is_refused(kind: str, number: int) -> None:
-    error = await fails(kind, replaying(number), "load", "Llama-3.1-8B-Instruct", error=BackendAuthError)
+async def test_it_raises_an_auth_error_when_the_admin_key_is_refused(number: int) -> None:
+    error = await fails(replaying(number), "load", "Llama-3.1-8B-Instruct", error=BackendAuthError)
     assert error.status == 401 and what_tabby_said(number)[0] in error.message and "admin key" in error.message
 
 
 @pytest.mark.parametrize("how", ["whole", "bytes", "odd"])
-async def test_it_yields_load_progress_in_order_until_the_model_finishes(kind: str, how: str) -> None:
+async def test_it_yields_load_progress_in_order_until_the_model_finishes(how: str) -> None:
     body = documented_load_stream()
     server = streaming(cut(body, how))
-    progress = await call(kind, server.transport(), "load", "Qwen2.5-Coder-7B-Instruct", max_seq_len=4096)
+    progress = await call(server.transport(), "load", "Qwen2.5-Coder-7B-Instruct", max_seq_len=4096)
     assert progress == data_events(body)
     assert {"model_type": "draft", "module": 2, "modules": 2, "status": "finished"} in progress[:-1]
     assert progress[-1] == {"model_type": "model", "module": 4, "modules": 4, "status": "finished"}
@@ -323,76 +314,76 @@ async def test_it_yields_load_progress_in_order_until_the_model_finishes(kind: s
     assert server.sent_json() == {"model_name": "Qwen2.5-Coder-7B-Instruct", "max_seq_len": 4096}
 
 
-async def test_it_completes_a_load_of_the_model_already_loaded(kind: str) -> None:
+async def test_it_completes_a_load_of_the_model_already_loaded() -> None:
     events = [{"model_type": "model", "module": 1, "modules": 1, "status": status} for status in ("processing", "finished")]
     body = "".join(f"data: {json.dumps(e, separators=(',', ':'))}\r\n\r\n" for e in events).encode()
-    assert await call(kind, streaming([body]).transport(), "load", "Tiny-Chat-5M") == events
+    assert await call(streaming([body]).transport(), "load", "Tiny-Chat-5M") == events
 
 
 @pytest.mark.parametrize("how", ["whole", "odd"])
-async def test_it_stops_reading_at_the_final_finished_event(kind: str, how: str) -> None:
+async def test_it_stops_reading_at_the_final_finished_event(how: str) -> None:
     body = documented_load_stream() + b"data: not an event\r\n\r\n" * 3
     server = streaming(cut(body, how))
-    progress = await call(kind, server.transport(), "load", "Qwen2.5-Coder-7B-Instruct")
+    progress = await call(server.transport(), "load", "Qwen2.5-Coder-7B-Instruct")
     assert progress == data_events(documented_load_stream())
     if how == "odd":
         assert server.body.served < len(server.body.chunks), "the chunks after the final event were never read"
 
 
 @pytest.mark.parametrize("last", [("model", 4, 4, "processing"), ("draft", 2, 2, "finished")])
-async def test_it_fails_a_load_whose_stream_closes_before_the_model_finishes(kind: str, last: tuple[str, int, int, str]) -> None:
+async def test_it_fails_a_load_whose_stream_closes_before_the_model_finishes(last: tuple[str, int, int, str]) -> None:
     event = json.dumps(dict(zip(("model_type", "module", "modules", "status"), last, strict=True)), separators=(",", ":"))
     full = documented_load_stream()
     body = full[: full.index(event.encode()) + len(event) + len(b"\r\n\r\n")]
     seen: list[Any] = []
     with pytest.raises(ModelLoadFailed, match="stopped before it finished"):
-        await call(kind, streaming(cut(body, "odd")).transport(), "load", "Qwen2.5-Coder-7B-Instruct", seen=seen)
+        await call(streaming(cut(body, "odd")).transport(), "load", "Qwen2.5-Coder-7B-Instruct", seen=seen)
     assert seen == data_events(body) and seen[-1]["status"] == last[3]
 
 
 @pytest.mark.parametrize("how", ["whole", "bytes"])
-async def test_it_fails_a_load_that_errors_after_some_progress(kind: str, how: str) -> None:
+async def test_it_fails_a_load_that_errors_after_some_progress(how: str) -> None:
     events = data_events(documented_load_stream())[:4]
     body = "".join(f"data: {json.dumps(e)}\r\n\r\n{PING}" for e in events) + error_event("Out of memory on device 0")
     seen: list[Any] = []
     with pytest.raises(ModelLoadFailed, match="Out of memory on device 0"):
-        await call(kind, streaming(cut(body.encode(), how)).transport(), "load", "Qwen2.5-Coder-7B-Instruct", seen=seen)
+        await call(streaming(cut(body.encode(), how)).transport(), "load", "Qwen2.5-Coder-7B-Instruct", seen=seen)
     assert seen == events
 
 
-async def test_it_rejects_a_load_answered_without_a_stream(kind: str) -> None:
+async def test_it_rejects_a_load_answered_without_a_stream() -> None:
     server = Server(200, [("content-type", "application/json")], Body([b'{"status":"ok"}']))
-    await fails(kind, server, "load", "Tiny-Chat-5M", error=BackendBadResponse)
+    await fails(server, "load", "Tiny-Chat-5M", error=BackendBadResponse)
 
 
 # Unloading
 
 
 @pytest.mark.parametrize("number", [42, 44, 86])
-async def test_it_raises_no_model_loaded_when_unloading_nothing(kind: str, number: int) -> None:
+async def test_it_raises_no_model_loaded_when_unloading_nothing(number: int) -> None:
     server = replaying(number)
-    error = await fails(kind, server, "unload", error=NoModelLoaded)
+    error = await fails(server, "unload", error=NoModelLoaded)
     assert error.status == 503
     assert (server.requests[0].method, server.requests[0].url.path) == ("POST", "/v1/model/unload")
 
 
-async def test_it_unloads_the_model(kind: str) -> None:
+async def test_it_unloads_the_model() -> None:
     server = Server(200, [("content-type", "application/json")], Body([b"null"]))
-    assert await call(kind, server.transport(), "unload") is None
+    assert await call(server.transport(), "unload") is None
 
 
-async def test_it_understands_the_400_older_servers_sent_while_nothing_was_loaded(kind: str) -> None:
+async def test_it_understands_the_400_older_servers_sent_while_nothing_was_loaded() -> None:
     server = Server(400, [("content-type", "application/json")], Body([b'{"detail":"No models are currently loaded."}']))
-    assert (await fails(kind, server, "unload", error=NoModelLoaded)).status == 400
+    assert (await fails(server, "unload", error=NoModelLoaded)).status == 400
 
 
 # Chatting
 
 
 @pytest.mark.parametrize("how", ["whole", "bytes", "odd"])
-async def test_it_streams_chat_pieces_then_the_finish_reason_with_usage(kind: str, how: str) -> None:
+async def test_it_streams_chat_pieces_then_the_finish_reason_with_usage(how: str) -> None:
     server = streaming(cut(CHAT_STREAM, how))
-    deltas = await call(kind, server.transport(), "stream_chat", HELLO, max_tokens=16)
+    deltas = await call(server.transport(), "open_chat", HELLO, max_tokens=16)
     assert [delta.text for delta in deltas] == [*PIECES, ""]
     assert deltas[-1] == ChatDelta(text="", finish_reason="stop", usage=USAGE, model="Tiny-Chat-5M")
     assert all(delta.finish_reason is None and delta.usage is None for delta in deltas[:-1])
@@ -403,53 +394,49 @@ async def test_it_streams_chat_pieces_then_the_finish_reason_with_usage(kind: st
 
 
 @pytest.mark.parametrize("how", ["whole", "odd"])
-async def test_it_raises_generation_failed_after_the_pieces_before_an_error_event(kind: str, how: str) -> None:
+async def test_it_raises_generation_failed_after_the_pieces_before_an_error_event(how: str) -> None:
     body = (chat_event("Hel") + chat_event("lo") + error_event("Generation was cancelled.")).encode()
     seen: list[Any] = []
     with pytest.raises(GenerationFailed, match="Generation was cancelled."):
-        await call(kind, streaming(cut(body, how)).transport(), "stream_chat", HELLO, seen=seen)
+        await call(streaming(cut(body, how)).transport(), "open_chat", HELLO, seen=seen)
     assert [delta.text for delta in seen] == ["Hel", "lo"]
 
 
-async def test_it_fails_an_answer_whose_stream_closes_early(kind: str) -> None:
+async def test_it_fails_an_answer_whose_stream_closes_early() -> None:
     seen: list[Any] = []
     with pytest.raises(GenerationFailed, match="before the answer was complete"):
-        await call(kind, streaming([chat_event("Hel").encode()]).transport(), "stream_chat", HELLO, seen=seen)
+        await call(streaming([chat_event("Hel").encode()]).transport(), "open_chat", HELLO, seen=seen)
     assert [delta.text for delta in seen] == ["Hel"]
 
 
 @pytest.mark.parametrize("number", [45, 46, 85, 96])
-async def test_it_raises_no_model_loaded_when_chatting_with_nothing_loaded(kind: str, number: int) -> None:
-    assert (await fails(kind, replaying(number), "stream_chat", HELLO, error=NoModelLoaded)).status == 503
+async def test_it_raises_no_model_loaded_when_chatting_with_nothing_loaded(number: int) -> None:
+    assert (await fails(replaying(number), "open_chat", HELLO, error=NoModelLoaded)).status == 503
 
 
 @pytest.mark.parametrize("number", [47, 48])
-async def test_it_reports_tabbys_plain_text_500(kind: str, number: int) -> None:
+async def test_it_reports_tabbys_plain_text_500(number: int) -> None:
     error = await fails(
-        kind, replaying(number), "stream_chat", HELLO, model="Qwen2.5-Coder-7B-Instruct", error=BackendBadResponse
+        replaying(number), "open_chat", HELLO, model="Qwen2.5-Coder-7B-Instruct", error=BackendBadResponse
     )
     assert error.status == 500 and "Internal Server Error" in error.message
 
 
-async def test_closing_the_chat_stream_closes_the_response(kind: str) -> None:
+async def test_closing_the_chat_stream_closes_the_response() -> None:
     server = streaming(cut(CHAT_STREAM, "odd"))
-    if kind == "async":
-        async with AsyncTabbyClient(CONFIG, transport=server.transport()) as client:
-            async with aclosing(client.stream_chat(HELLO)) as deltas:
-                assert (await anext(deltas)).text == "Hel"
-            assert server.body.closed
-    else:
-        with TabbyClient(CONFIG, transport=server.transport()) as sync_client, closing(sync_client.stream_chat(HELLO)) as pieces:
-            assert next(pieces).text == "Hel"
-        assert server.body.closed
+    client = TabbyClient(CONFIG, transport=server.transport())
+    async with client.open_chat(HELLO) as deltas:
+        assert (await anext(deltas)).text == "Hel"
+    assert server.body.closed
+    await client.aclose()
     assert server.body.served < len(server.body.chunks), "the rest of the answer was never read"
 
 
 # Wrong servers and no server
 
 
-async def test_it_reports_an_address_that_is_not_tabby(kind: str) -> None:
-    error = await fails(kind, replaying(59), "list_models", error=BackendBadResponse)
+async def test_it_reports_an_address_that_is_not_tabby() -> None:
+    error = await fails(replaying(59), "list_models", error=BackendBadResponse)
     assert error.status == 404 and "Not Found" in error.message
 
 
@@ -472,39 +459,41 @@ def silent_port() -> Iterator[int]:
         yield int(sock.getsockname()[1])
 
 
-METHODS = [("list_models", ()), ("current_model", ()), ("unload", ()), ("load", ("Tiny-Chat-5M",)), ("stream_chat", (HELLO,))]
+METHODS = [("list_models", ()), ("current_model", ()), ("unload", ()), ("load", ("Tiny-Chat-5M",)), ("open_chat", (HELLO,))]
 
 
 @pytest.mark.parametrize("method, args", METHODS)
-async def test_it_reports_a_refused_connection_as_unavailable(kind: str, method: str, args: tuple[Any, ...]) -> None:
+async def test_it_reports_a_refused_connection_as_unavailable(method: str, args: tuple[Any, ...]) -> None:
     url = f"http://127.0.0.1:{closed_port()}"
     with pytest.raises(BackendUnavailable) as raised:
-        await call(kind, None, method, *args, config=real(url))
+        await call(None, method, *args, config=real(url))
     assert raised.value.message == f"TabbyAPI at {url} cannot be reached. Check that it is running and that the address is right."
     assert raised.value.status is None
 
 
 @pytest.mark.parametrize("method, args", METHODS)
 async def test_it_reports_a_server_that_never_answers_as_unavailable(
-    kind: str, silent_port: int, method: str, args: tuple[Any, ...]
+    silent_port: int, method: str, args: tuple[Any, ...]
 ) -> None:
     with pytest.raises(BackendUnavailable, match="stopped answering .* nothing came for 0.5 seconds"):
-        await call(kind, None, method, *args, config=real(f"http://127.0.0.1:{silent_port}"))
+        await call(None, method, *args, config=real(f"http://127.0.0.1:{silent_port}"))
 
 
 async def test_an_opened_chat_is_entered_before_any_piece_is_read_and_closes_with_its_block() -> None:
     server = streaming(cut(CHAT_STREAM, "odd"))
-    async with AsyncTabbyClient(CONFIG, transport=server.transport()) as client:
-        async with client.open_chat(HELLO, max_tokens=16) as deltas:
-            read_on_entry = server.body.served
-            assert (await anext(deltas)).text == "Hel"
-        assert server.body.closed
+    client = TabbyClient(CONFIG, transport=server.transport())
+    async with client.open_chat(HELLO, max_tokens=16) as deltas:
+        read_on_entry = server.body.served
+        assert (await anext(deltas)).text == "Hel"
+    assert server.body.closed
+    await client.aclose()
     assert read_on_entry == 0  # entered on the answer's headers: the caller can act before the first piece
     assert server.sent_json()["max_tokens"] == 16 and server.sent_json()["stream"] is True
 
 
 async def test_an_opened_chat_refused_by_tabby_raises_on_entry() -> None:
-    async with AsyncTabbyClient(CONFIG, transport=replaying(46).transport()) as client:
-        with pytest.raises(NoModelLoaded):
-            async with client.open_chat(HELLO):
-                raise AssertionError("a refused answer has no stream to read")
+    client = TabbyClient(CONFIG, transport=replaying(46).transport())
+    with pytest.raises(NoModelLoaded):
+        async with client.open_chat(HELLO):
+            raise AssertionError("a refused answer has no stream to read")
+    await client.aclose()

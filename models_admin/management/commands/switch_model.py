@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from models_admin import operations
 from models_admin.models import Operation
-
-
-def wait(operation: Operation) -> Operation:
-    while operation.status == Operation.Status.RUNNING:
-        time.sleep(0.2)
-        operation.refresh_from_db()
-        if Operation.objects.stale(settings.GANTRY_OPERATION_STALE_AFTER).filter(pk=operation.pk).exists():
-            operations.reconcile_stale_operations()
-    return operation
 
 
 class Command(BaseCommand):
@@ -37,7 +26,7 @@ class Command(BaseCommand):
         if operation is None:
             self.stdout.write(f"{name} is already the active model.")
             return
-        operation = wait(operation)
+        operation = operations.wait_blocking(operation.pk)
         if operation.status != Operation.Status.SUCCEEDED:
             raise CommandError(f"Switching to {name} failed: {operation.error}")
         self.stdout.write(f"Model switched to {name} in {operation.duration:.1f} s.")

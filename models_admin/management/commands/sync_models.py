@@ -6,7 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from models_admin.operations import reconcile_stale_operations
+from models_admin.runner import reconcile_stale_operations
 from models_admin.services import model_rows, sync_models
 
 

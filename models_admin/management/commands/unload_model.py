@@ -7,7 +7,6 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 
 from models_admin import operations
-from models_admin.management.commands.switch_model import wait
 from models_admin.models import Operation
 
 
@@ -22,7 +21,7 @@ class Command(BaseCommand):
         if operation is None:
             self.stdout.write("No model is loaded.")
             return
-        operation = wait(operation)
+        operation = operations.wait_blocking(operation.pk)
         if operation.status != Operation.Status.SUCCEEDED:
             raise CommandError(f"Unloading failed: {operation.error}")
         self.stdout.write("Model unloaded successfully.")

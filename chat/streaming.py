@@ -1,0 +1,83 @@
+"""An answer's stream from TabbyAPI: opening it (a conversation too long for the model drops its oldest
+turns and asks again) and relaying its pieces to the conversation's pages, saved as they grow."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.utils import timezone
+
+from chat.models import Message
+from gantry.broadcast import TokenEvent, abroadcast, conversation_group
+from models_admin.services import answer_client
+from models_admin.tabby_errors import BackendBadResponse, BackendError
+from models_admin.tabby_sse import ChatDelta
+
+SAVE_EVERY = 1.0  # seconds between saves of a growing answer (and checks for a Stop from elsewhere)
+
+
+class Stopped(Exception):
+    """The question was stopped from another process."""
+
+
+def too_long(exc: BackendError) -> bool:
+    return isinstance(exc, BackendBadResponse) and exc.status == 400 and "context length" in exc.message.lower()
+
+
+@asynccontextmanager
+async def opened(history: list[dict[str, str]], taken: threading.Event | None = None) -> AsyncIterator[AsyncGenerator[ChatDelta, None]]:
+    """The answer's stream, once TabbyAPI has taken the request (`taken` is set then, or when it refused);
+    leaving closes the response, which ends the generation upstream (Stop, cancellation)."""
+    async with AsyncExitStack() as stack:
+        try:
+            while True:
+                try:
+                    opening = answer_client().open_chat(history, max_tokens=settings.GANTRY_MAX_ANSWER_TOKENS)
+                    stream = await stack.enter_async_context(opening)
+                    break
+                except BackendBadResponse as exc:
+                    if not (too_long(exc) and len(history) > 1):
+                        raise
+                    history = history[2:] if len(history) > 2 else history[-1:]
+        finally:
+            if taken is not None:
+                taken.set()
+        yield stream
+
+
+async def relay(
+    stream: AsyncGenerator[ChatDelta, None], reply: Message, pieces: list[str], announced: Callable[[], Awaitable[None]]
+) -> str:
+    """The answer's pieces to its pages as they come (after `announced()`), saved now and then; returns
+    the model's name. Raises Stopped when the question was stopped elsewhere."""
+    group = conversation_group(reply.conversation_id)
+    last_save = time.monotonic()
+    model = ""
+    async for delta in stream:
+        model = delta.model or model
+        # A byte-level vocabulary has a NUL token, and PostgreSQL text cannot hold NUL: the save would fail.
+        text = delta.text.replace("\x00", "")
+        if text:
+            pieces.append(text)
+            await announced()  # the answer's message before its first token
+            await abroadcast(group, TokenEvent(type="chat.token", message_id=reply.pk, text=text))
+        if time.monotonic() - last_save >= SAVE_EVERY:
+            last_save = time.monotonic()
+            if not await _save_partial(reply, "".join(pieces)):
+                raise Stopped
+    return model
+
+
+@sync_to_async
+def _save_partial(reply: Message, content: str) -> bool:
+    """Save the answer so far; False when the question was stopped meanwhile (possibly elsewhere)."""
+    now = timezone.now()
+    Message.objects.filter(pk=reply.pk).update(content=content, updated=now)
+    # Touching the question is this answer's heartbeat (see Message.objects.answering()).
+    question = Message.objects.filter(pk=reply.reply_to_id or 0, status=Message.Status.GENERATING)
+    return bool(question.update(updated=now))
