@@ -10,8 +10,8 @@ import httpx
 import openai
 import pytest
 
-from tests.tabby.conftest import TINY
 from harness.tabby_server import API_KEY, TabbyServer
+from tests.tabby.conftest import TINY
 
 HELLO = [{"role": "user", "content": "Write a short note about Python modules."}]
 

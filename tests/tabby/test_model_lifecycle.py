@@ -12,8 +12,8 @@ import httpx
 import psutil
 import pytest
 
-from tests.tabby.conftest import SMALL, TINY
 from harness.tabby_server import TabbyServer, load_events, run_tabby
+from tests.tabby.conftest import SMALL, TINY
 
 HELLO = [{"role": "user", "content": "Tell me about packages."}]
 
