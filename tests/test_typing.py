@@ -1,4 +1,4 @@
-"""The code type-checks: mypy with django-stubs over the apps and the model server."""
+"""The code type-checks: mypy with django-stubs over the apps, the model server, the test harness and the benchmarks."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_mypy_passes() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "mypy", "tabby", "gantry", "chat", "models_admin"],
+        [sys.executable, "-m", "mypy", "tabby", "gantry", "chat", "models_admin", "harness", "bench"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
