@@ -50,6 +50,7 @@ INSTALLED_APPS = [
 # One stack for sync and async views: Django's own middleware, whose hooks run on the event loop for
 # async views (gantry/middleware.py).
 MIDDLEWARE = [
+    "gantry.middleware.ProbesMiddleware",
     "gantry.middleware.SecurityMiddleware",
     "gantry.middleware.StaticFilesMiddleware",
     "gantry.middleware.SessionMiddleware",
@@ -183,6 +184,14 @@ GANTRY_REFRESH_INTERVAL = env_float("GANTRY_REFRESH_INTERVAL", 60.0, minimum=1.0
 CELERY_BEAT_SCHEDULE = {
     "refresh-models": {"task": "models_admin.tasks.refresh_models", "schedule": GANTRY_REFRESH_INTERVAL},
 }
+
+# Operations (README, "Metrics and health"). The token lets Prometheus read /metrics (empty: only admin
+# sessions can); Celery processes serve theirs on GANTRY_METRICS_PORT (0: not at all). With
+# PROMETHEUS_MULTIPROC_DIR (an existing, empty directory), every process on the machine that shares it
+# writes its figures there and any of them serves the sum (prometheus_client reads the variable itself).
+GANTRY_METRICS_TOKEN = env_str("GANTRY_METRICS_TOKEN")
+GANTRY_METRICS_PORT = env_int("GANTRY_METRICS_PORT", 0, minimum=0)
+PROMETHEUS_MULTIPROC_DIR = env_str("PROMETHEUS_MULTIPROC_DIR")
 
 LOGGING = {
     "version": 1,
