@@ -10,6 +10,7 @@ from models_admin.services import backend_event
 
 
 class ModelsConsumer(EventConsumer):
+    page = "models"
     groups = [MODELS_GROUP]
     forwarded = frozenset({"model.state", "model.progress", "model.list"})
 

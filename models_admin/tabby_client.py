@@ -70,6 +70,7 @@ class Call:
 LIST_MODELS = Call("GET", "/v1/models", "admin", "list the models")
 CURRENT_MODEL = Call("GET", "/v1/model", "admin", "say which model is loaded")
 UNLOAD = Call("POST", "/v1/model/unload", "admin", "unload the model")
+HEALTH = Call("GET", "/health", "api", "say whether it is healthy")  # needs no key
 
 
 def load_call(model_name: str, params: Mapping[str, Any]) -> Call:
@@ -250,6 +251,10 @@ class TabbyClient:
 
     def unload(self) -> None:
         self._json(UNLOAD)
+
+    def health(self) -> None:
+        """Returns when the server answers `GET /health` and calls itself healthy; else raises."""
+        self._json(HEALTH)
 
     def load(self, model_name: str, **params: Any) -> Generator[LoadProgress, None, None]:
         """Progress events in order; ends after the main model's `finished`. Pings are not yielded."""
