@@ -21,6 +21,7 @@ class ChatConsumer(EventConsumer):
     page's messages to it: `{"type": "chat.send", "content": ..., "ref": ...}`, answered `chat.sent` or
     `chat.refused` with the same `ref`)."""
 
+    page = "chat"
     groups: list[str] = []
     conversation_id: int | None = None
     forwarded = frozenset(

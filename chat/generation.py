@@ -22,7 +22,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from chat.models import Message
-from chat.streaming import Stopped, opened, relay, too_long
+from chat.streaming import Pace, Stopped, opened, relay, too_long
 from gantry.background import dispatch, spawn
 from gantry.broadcast import DoneEvent, ErrorEvent, Event, MessageEvent, abroadcast, broadcast, conversation_group
 from models_admin.services import default_backend
@@ -190,6 +190,7 @@ async def _generate(
     announcement: _Announcement | None = None
     pieces: list[str] = []
     status, error, model = Message.Status.DONE, "", ""
+    pace = Pace()
     try:
         async with opened(history, taken) as stream:
             answer = await saved
@@ -199,7 +200,7 @@ async def _generate(
             _start_heartbeat()
             announcement = _Announcement(answer)
             announcement.start()
-            model = await relay(stream, answer.reply, pieces, announcement.sent)
+            model = await relay(stream, answer.reply, pieces, announcement.sent, pace)
     except (asyncio.CancelledError, Stopped):
         if answer is None:
             raise

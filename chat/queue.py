@@ -24,6 +24,7 @@ from chat.generation import Claimed, claim, generate, requeue
 from chat.models import ANSWER_HEARTBEAT_SECONDS, Message, heartbeat_cutoff
 from gantry.background import spawn
 from gantry.broadcast import QueuedEvent, broadcast, conversation_group
+from gantry.metrics import HOLD_SECONDS
 from models_admin.models import Backend
 from models_admin.services import default_backend
 
@@ -105,8 +106,12 @@ def claim_next(backend: Backend | None = None) -> Claimed | None:
             # One answer at a time per conversation: a later question needs the earlier answer as context.
             if message.conversation_id in busy:
                 continue
+            # A queued message's `updated` is when it was (last) queued: sent, queued again after an
+            # interruption, or sent again with Retry. Claiming it sets `updated` to the release time.
+            queued_at = message.updated
             claimed = claim(message)
             if claimed is not None:
+                HOLD_SECONDS.observe(max(0.0, (message.updated - queued_at).total_seconds()))
                 return claimed
             busy.add(message.conversation_id)
     return None

@@ -12,6 +12,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.utils import timezone
 
 from chat.generation import Answer, Claimed, EarlyRequest, answer_row, cancel_here, generate, history
 from chat.models import Conversation, Message
@@ -165,8 +166,9 @@ def retry_message(message: Message) -> Message:
     """Send a failed or stopped message again."""
     if message.role != Message.Role.USER:
         raise ValidationError("Only your own messages can be sent again.")
+    # `updated` marks when it was queued (its hold time counts from there).
     updated = Message.objects.filter(pk=message.pk, status__in=[Message.Status.FAILED, Message.Status.CANCELLED]).update(
-        status=Message.Status.QUEUED, error=""
+        status=Message.Status.QUEUED, error="", updated=timezone.now()
     )
     if not updated:
         message.refresh_from_db()

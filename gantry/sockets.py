@@ -6,6 +6,8 @@ from typing import Any, ClassVar
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
+from gantry.metrics import WEBSOCKETS
+
 
 class EventConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     """A socket that forwards the broadcast events named in `forwarded` to its page.
@@ -16,6 +18,20 @@ class EventConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     """
 
     forwarded: ClassVar[frozenset[str]] = frozenset()
+    page: ClassVar[str] = ""  # the label of gantry_websocket_connections
+    _counted = False
+
+    async def accept(self, subprotocol: str | None = None, headers: Any = None) -> None:
+        await super().accept(subprotocol, headers)
+        if not self._counted:
+            self._counted = True
+            WEBSOCKETS.labels(self.page).inc()
+
+    async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        if self._counted:
+            self._counted = False
+            WEBSOCKETS.labels(self.page).dec()
+        await super().websocket_disconnect(message)
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         if message["type"] in self.forwarded:
