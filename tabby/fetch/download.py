@@ -31,8 +31,8 @@ def _pip_reason(stderr: str) -> str:
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("ERROR:")]
     retries = [line for line in lines if line.startswith("WARNING: Retrying")]
-    picked = retries[-1:] + errors
-    return " ".join(picked or lines[-3:]) or "pip gave no reason"
+    picked = [line.split(": ", 1)[1] for line in retries[-1:] + errors]
+    return "; ".join(picked or lines[-3:]) or "pip gave no reason"
 
 
 def download_wheel(wheel: Wheel, dest: Path) -> Path:
