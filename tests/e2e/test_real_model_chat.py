@@ -29,15 +29,17 @@ def tabby(real_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 def test_a_factual_question_in_the_chat_page_gets_a_correct_answer(page: Page) -> None:
     log_in(page, MEMBER)
-    page.get_by_label("Message").fill("What is the capital of France?")
+    # Questions a 135M model answers right at its recommended sampling (the site sends none): it is
+    # less sure of France, where 4 answers in 10 begin with "L'Étoile".
+    page.get_by_label("Message").fill("What is the capital of Japan?")
     page.get_by_label("Message").press("Enter")
     answer = page.locator("#messages .message.assistant")
     expect(answer).to_have_class(re.compile(r"\bdone\b"), timeout=60_000)
-    expect(answer.locator(".body")).to_contain_text("Paris")
+    expect(answer.locator(".body")).to_contain_text("Tokyo")
 
-    page.get_by_label("Message").fill("What is the capital of Japan?")
+    page.get_by_label("Message").fill("What is the capital of Germany?")
     page.get_by_label("Message").press("Enter")
     expect(page.locator("#messages .message.assistant")).to_have_count(2)
     second = page.locator("#messages .message.assistant").nth(1)
     expect(second).to_have_class(re.compile(r"\bdone\b"), timeout=60_000)
-    expect(second.locator(".body")).to_contain_text("Tokyo")
+    expect(second.locator(".body")).to_contain_text("Berlin")
