@@ -8,4 +8,4 @@ class ChatConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from chat import receivers  # noqa: F401  (connects to the Models app's signals)
+        from chat import accounts, receivers  # noqa: F401  (connect to auth's and the Models app's signals)

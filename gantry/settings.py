@@ -180,6 +180,11 @@ GANTRY_WEB_THREADS = env_int("GANTRY_WEB_THREADS", 2, minimum=1)
 GANTRY_MAX_QUEUED = env_int("GANTRY_MAX_QUEUED", 1000, minimum=1)
 GANTRY_LOGIN_MAX_FAILURES = env_int("GANTRY_LOGIN_MAX_FAILURES", 5, minimum=1)
 GANTRY_LOGIN_LOCKOUT = env_int("GANTRY_LOGIN_LOCKOUT", 300, minimum=1)
+# Sockets (pages) a user may have open at once, counted across every web process.
+GANTRY_MAX_SOCKETS_PER_USER = env_int("GANTRY_MAX_SOCKETS_PER_USER", 20, minimum=1)
+# Seconds between an open socket's checks of its session and renewals of its place in that count; a
+# place not renewed for three of them (its process died) is given back.
+GANTRY_SOCKET_HEARTBEAT = env_float("GANTRY_SOCKET_HEARTBEAT", 30.0, minimum=0.5)
 GANTRY_SWITCH_TIMEOUT = env_float("GANTRY_SWITCH_TIMEOUT", 30.0, minimum=1.0)
 GANTRY_ROLLBACK_ON_FAILURE = env_bool("GANTRY_ROLLBACK_ON_FAILURE", True)
 GANTRY_DRAIN_TIMEOUT = env_float("GANTRY_DRAIN_TIMEOUT", 60.0, minimum=0.0)
