@@ -10,9 +10,10 @@ PORT ?= 8000
 TABBY_PORT ?= 5000
 TABBY_MODEL ?= Small-Chat-200M
 TORCH_VERSION ?= 2.13.0
-# Debian packages the tests need: Chromium (browser tests), redis-server (production mode),
-# docker-compose (checks docker-compose.yml).
-TEST_DEBS := chromium redis-server docker-compose
+# Debian packages the tests need: Chromium (browser tests), redis-server (production mode), nginx and
+# openssl (the TLS proxy in front of the site, with a self-signed certificate), docker-compose (checks
+# docker-compose.yml).
+TEST_DEBS := chromium redis-server nginx openssl docker-compose
 
 .PHONY: run test bench models install install-test debs clean
 
