@@ -13,9 +13,10 @@ TABBY_MODEL ?= SmolLM2-135M-Instruct
 # Real models `make run` and `make test` fetch into MODELS_DIR (empty: none, e.g. offline with a demo model).
 FETCH_MODELS ?= smollm2-135m-instruct
 TORCH_VERSION ?= 2.13.0
-# Debian packages the tests need: Chromium (browser tests), redis-server (production mode),
-# docker-compose (checks docker-compose.yml).
-TEST_DEBS := chromium redis-server docker-compose
+# Debian packages the tests need: Chromium (browser tests), redis-server (production mode), nginx and
+# openssl (the TLS proxy in front of the site, with a self-signed certificate), docker-compose (checks
+# docker-compose.yml).
+TEST_DEBS := chromium redis-server nginx openssl docker-compose
 
 .PHONY: run test bench models install install-test debs clean
 

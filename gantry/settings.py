@@ -6,7 +6,9 @@ web process. `DATABASE_URL` and `REDIS_URL` switch it to the production stack.
 
 from __future__ import annotations
 
+import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 import dj_database_url
@@ -14,24 +16,54 @@ from django.core.exceptions import ImproperlyConfigured
 
 from gantry.env import env_bool, env_float, env_int, env_list, env_str
 
+# The SECRET_KEY that .env.example ships with: a key everyone can read is no secret.
+PLACEHOLDER_SECRET_KEYS = {"change-me-to-a-long-random-string"}
+
+
+def secret_file(path: Path, make: Callable[[], str]) -> str:
+    """The secret kept in `path`, made on first use: readable by this user only from the first byte
+    (written under another name with mode 0600, then linked into place, so a process starting at the
+    same moment reads either no file or the whole secret, never a half-written one)."""
+    if not path.exists():
+        draft = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as file:
+                file.write(make())
+            try:
+                os.link(draft, path)
+            except FileExistsError:
+                pass  # another process made it first: theirs is the key
+        finally:
+            draft.unlink()
+    return path.read_text().strip()
+
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("GANTRY_VAR_DIR", str(BASE_DIR / "var")))
 
 DEBUG = env_bool("DEBUG", False)
 SECRET_KEY = env_str("SECRET_KEY")
+if SECRET_KEY.strip() in PLACEHOLDER_SECRET_KEYS:
+    raise ImproperlyConfigured(
+        "SECRET_KEY is still the placeholder of .env.example. Set it to a long random string, e.g. the output of "
+        "`python -c 'import secrets; print(secrets.token_urlsafe(50))'`."
+    )
 if not SECRET_KEY:
     if env_str("DATABASE_URL"):
         raise ImproperlyConfigured("SECRET_KEY must be set when DATABASE_URL is (production).")
     # Embedded default: one random key kept beside the SQLite database.
     VAR_DIR.mkdir(parents=True, exist_ok=True)
-    key_file = VAR_DIR / "secret_key"
-    if not key_file.exists():
-        key_file.write_text(secrets.token_urlsafe(50))
-        key_file.chmod(0o600)
-    SECRET_KEY = key_file.read_text().strip()
+    SECRET_KEY = secret_file(VAR_DIR / "secret_key", lambda: secrets.token_urlsafe(50))
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost"])
+# Origins whose pages may write and open sockets besides the site's own (Django's CSRF rules, for both).
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+# Behind a reverse proxy: take the scheme from X-Forwarded-Proto and the client's address from
+# X-Forwarded-For (gantry/proxy.py). Never without it: a site no proxy fronts would believe anyone.
+TRUST_PROXY_HEADERS = env_bool("TRUST_PROXY_HEADERS", False)
+if TRUST_PROXY_HEADERS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 INSTALLED_APPS = [
     "daphne",
@@ -175,6 +207,11 @@ GANTRY_WEB_THREADS = env_int("GANTRY_WEB_THREADS", 2, minimum=1)
 GANTRY_MAX_QUEUED = env_int("GANTRY_MAX_QUEUED", 1000, minimum=1)
 GANTRY_LOGIN_MAX_FAILURES = env_int("GANTRY_LOGIN_MAX_FAILURES", 5, minimum=1)
 GANTRY_LOGIN_LOCKOUT = env_int("GANTRY_LOGIN_LOCKOUT", 300, minimum=1)
+# Sockets (pages) a user may have open at once, counted across every web process.
+GANTRY_MAX_SOCKETS_PER_USER = env_int("GANTRY_MAX_SOCKETS_PER_USER", 20, minimum=1)
+# Seconds between an open socket's checks of its session and renewals of its place in that count; a
+# place not renewed for three of them (its process died) is given back.
+GANTRY_SOCKET_HEARTBEAT = env_float("GANTRY_SOCKET_HEARTBEAT", 30.0, minimum=0.5)
 GANTRY_SWITCH_TIMEOUT = env_float("GANTRY_SWITCH_TIMEOUT", 30.0, minimum=1.0)
 GANTRY_ROLLBACK_ON_FAILURE = env_bool("GANTRY_ROLLBACK_ON_FAILURE", True)
 GANTRY_DRAIN_TIMEOUT = env_float("GANTRY_DRAIN_TIMEOUT", 60.0, minimum=0.0)
