@@ -1,4 +1,4 @@
-"""A real TLS reverse proxy for tests: Debian's nginx, running the repository's `nginx.conf.example` with a
+"""A real TLS reverse proxy for tests: Debian's nginx, running the repository's `deploy/nginx.conf.example` with a
 self-signed certificate made for the test (openssl), in front of a site's daphne."""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def self_signed_certificate(workdir: Path) -> tuple[Path, Path]:
 def nginx_config(workdir: Path, port: int, upstream: str, certificate: Path, key: Path) -> str:
     """The shipped example with this test's address, certificate and upstream; every part replaced must be
     there, so the example cannot drift from what is tested."""
-    site = (ROOT / "nginx.conf.example").read_text()
+    site = (ROOT / "deploy" / "nginx.conf.example").read_text()
     for shipped, tested in {
         "listen 443 ssl;": f"listen 127.0.0.1:{port} ssl;",
         "server_name gantry.example.com;": "server_name 127.0.0.1;",
@@ -50,7 +50,7 @@ def nginx_config(workdir: Path, port: int, upstream: str, certificate: Path, key
         "/etc/ssl/private/gantry.example.com.key": str(key),
         "proxy_pass http://127.0.0.1:8000;": f"proxy_pass {upstream};",
     }.items():
-        assert shipped in site, f"nginx.conf.example no longer has {shipped!r}"
+        assert shipped in site, f"deploy/nginx.conf.example no longer has {shipped!r}"
         site = site.replace(shipped, tested)
     temp = "\n".join(f"  {kind}_temp_path {workdir / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     user = "user root root;\n" if os.geteuid() == 0 else ""  # as root, workers would run as nobody, locked out of workdir

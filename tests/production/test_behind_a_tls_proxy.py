@@ -1,4 +1,4 @@
-"""The README's production setup: a TLS proxy (Debian's nginx, running `nginx.conf.example` with a
+"""The README's production setup: a TLS proxy (Debian's nginx, running `deploy/nginx.conf.example` with a
 self-signed certificate) in front of daphne, on PostgreSQL and Redis with a Celery worker, the site told
 to trust the proxy's headers (TRUST_PROXY_HEADERS=true) and to send its cookies over HTTPS only. Every
 cookie-authenticated write works through it, sockets too, and a real Chromium chats and switches models.
