@@ -15,7 +15,7 @@ from django.db import transaction
 
 from chat.generation import Answer, Claimed, EarlyRequest, answer_row, cancel_here, generate, history
 from chat.models import Conversation, Message
-from chat.queue import admit, position, release_here, schedule_positions, wake
+from chat.queue import admit, check_room, position, release_here, schedule_positions, wake
 from gantry.background import in_thread, spawn
 from gantry.broadcast import ConversationEvent, MessageEvent, QueuedEvent, broadcast, conversation_group, user_group
 from models_admin.models import Backend
@@ -165,9 +165,14 @@ def retry_message(message: Message) -> Message:
     """Send a failed or stopped message again."""
     if message.role != Message.Role.USER:
         raise ValidationError("Only your own messages can be sent again.")
-    updated = Message.objects.filter(pk=message.pk, status__in=[Message.Status.FAILED, Message.Status.CANCELLED]).update(
-        status=Message.Status.QUEUED, error=""
-    )
+    with transaction.atomic():
+        # Under the backend's row lock, as a new message: a message sent again waits in the same queue,
+        # within the same limits.
+        default_backend(locked=True)
+        retryable = Message.objects.filter(pk=message.pk, status__in=[Message.Status.FAILED, Message.Status.CANCELLED])
+        if retryable.exists():
+            check_room(message.conversation_id)
+        updated = retryable.update(status=Message.Status.QUEUED, error="")
     if not updated:
         message.refresh_from_db()
         if message.status == Message.Status.DONE:

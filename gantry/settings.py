@@ -172,6 +172,8 @@ GANTRY_MAX_CONCURRENT_GENERATIONS = env_int("GANTRY_MAX_CONCURRENT_GENERATIONS",
 # Threads serving pages and the chat API in each web process (see gantry/serving.py).
 GANTRY_WEB_THREADS = env_int("GANTRY_WEB_THREADS", 2, minimum=1)
 GANTRY_MAX_QUEUED = env_int("GANTRY_MAX_QUEUED", 1000, minimum=1)
+# One person's messages waiting for the model: no one account fills the queue for everyone.
+GANTRY_MAX_QUEUED_PER_USER = env_int("GANTRY_MAX_QUEUED_PER_USER", 20, minimum=1)
 GANTRY_LOGIN_MAX_FAILURES = env_int("GANTRY_LOGIN_MAX_FAILURES", 5, minimum=1)
 GANTRY_LOGIN_LOCKOUT = env_int("GANTRY_LOGIN_LOCKOUT", 300, minimum=1)
 GANTRY_SWITCH_TIMEOUT = env_float("GANTRY_SWITCH_TIMEOUT", 30.0, minimum=1.0)
