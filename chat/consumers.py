@@ -15,6 +15,8 @@ from gantry.serving import in_web_thread
 from gantry.sockets import EventConsumer
 from models_admin.services import backend_event
 
+MALFORMED = 'Send JSON objects like {"type": "chat.send", "content": "Hello", "ref": 1}.'
+
 
 class ChatConsumer(EventConsumer):
     """`ws/chat/` (sidebar and banner) or `ws/chat/<conversation_id>/` (that conversation too, and the
@@ -67,13 +69,14 @@ class ChatConsumer(EventConsumer):
         if isinstance(content, dict) and content.get("type") == "chat.send":
             await self.send_json(await in_web_thread(self._post, content.get("content"), content.get("ref")))
 
+    async def refuse_malformed(self) -> None:
+        await self.send_json(RefusedEvent(type="chat.refused", ref=None, detail=MALFORMED))
+
     def _post(self, text: Any, ref: Any) -> SentEvent | RefusedEvent:
         if self.conversation_id is None:
             return RefusedEvent(type="chat.refused", ref=ref, detail="Open a conversation to send a message.")
         if not socket_from_this_site(self.scope):
             return RefusedEvent(type="chat.refused", ref=ref, detail=CROSS_SITE)
-        if not isinstance(text, str):
-            return RefusedEvent(type="chat.refused", ref=ref, detail="Type a message before sending.")
         try:
             message = services.post_message(self.conversation_id, text)
         except ValidationError as exc:

@@ -11,6 +11,7 @@ from django.views.decorators.http import require_POST
 
 from chat.accounts import LoginRefused, log_in
 from chat.models import Conversation
+from gantry import origins
 from models_admin.services import backend_event
 
 
@@ -22,6 +23,8 @@ def login_page(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
         username = request.POST.get("username", "")
         try:
+            if not origins.from_this_site(request):
+                raise LoginRefused(origins.CROSS_SITE, 403)
             log_in(request, username, request.POST.get("password", ""))
         except LoginRefused as exc:
             error, status = exc.message, exc.status

@@ -2,7 +2,9 @@
 
 Scripts send no `Origin` header and need no CSRF token (they hold no cookies a page could borrow). A
 browser always sends it on writes and sockets: it must be this site's own origin (scheme, host and
-port), and a browser's HTTP write must also carry the CSRF token. HTTP views and sockets both ask here.
+port), and a browser's HTTP write must also carry the CSRF token. A browser also says where a request
+comes from in `Sec-Fetch-Site`; `cross-site` is refused whatever the Origin says (or when it is missing).
+HTTP views and sockets both ask here.
 """
 
 from __future__ import annotations
@@ -22,8 +24,14 @@ def is_same_origin(origin: str, scheme: str, host: str) -> bool:
     return bool(host) and origin == f"{scheme}://{host}"
 
 
+def from_another_site(fetch_site: str | None) -> bool:
+    return (fetch_site or "").strip().lower() == "cross-site"
+
+
 def from_this_site(request: HttpRequest) -> bool:
     """Whether an HTTP request comes from a script or from a page of this site."""
+    if from_another_site(request.headers.get("Sec-Fetch-Site")):
+        return False
     origin = request.headers.get("Origin")
     return origin is None or is_same_origin(origin, request.scheme or "http", request.get_host())
 
@@ -42,5 +50,7 @@ def socket_from_this_site(scope: dict[str, Any]) -> bool:
     """Whether a socket was opened by a page of this site: its Origin is this site's (Channels' check at
     connect compares host names only, not ports or schemes)."""
     headers = dict(scope.get("headers", []))
+    if from_another_site(headers.get(b"sec-fetch-site", b"").decode("latin-1")):
+        return False
     origin, host = headers.get(b"origin", b"").decode("latin-1"), headers.get(b"host", b"").decode("latin-1")
     return is_same_origin(origin, PAGE_SCHEMES.get(scope.get("scheme", "ws"), "http"), host)
