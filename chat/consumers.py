@@ -14,6 +14,8 @@ from gantry.serving import in_web_thread
 from gantry.sockets import SESSION_ENDED, SESSION_GONE, EventConsumer, session_holds
 from models_admin.services import backend_event
 
+MALFORMED = 'Send JSON objects like {"type": "chat.send", "content": "Hello", "ref": 1}.'
+
 
 class ChatConsumer(EventConsumer):
     """`ws/chat/` (sidebar and banner) or `ws/chat/<conversation_id>/` (that conversation too, and the
@@ -64,13 +66,14 @@ class ChatConsumer(EventConsumer):
             if reply["type"] == "chat.refused" and reply["detail"] == SESSION_GONE:
                 await self.close(code=SESSION_ENDED)
 
+    async def refuse_malformed(self) -> None:
+        await self.send_json(RefusedEvent(type="chat.refused", ref=None, detail=MALFORMED))
+
     def _post(self, text: Any, ref: Any) -> SentEvent | RefusedEvent:
         if not session_holds(self.scope["user"].pk, self.session_key):
             return RefusedEvent(type="chat.refused", ref=ref, detail=SESSION_GONE)
         if self.conversation_id is None:
             return RefusedEvent(type="chat.refused", ref=ref, detail="Open a conversation to send a message.")
-        if not isinstance(text, str):
-            return RefusedEvent(type="chat.refused", ref=ref, detail="Type a message before sending.")
         try:
             message = services.post_message(self.conversation_id, text)
         except ValidationError as exc:

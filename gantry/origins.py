@@ -5,7 +5,9 @@ browser always sends it on writes and sockets. Django's CSRF origin rules decide
 alike: the Origin is this site's own (scheme, host and port, the scheme as the browser used it: behind a
 TLS proxy that is `https` once TRUST_PROXY_HEADERS lets Gantry believe the proxy, see gantry/proxy.py), or
 one of CSRF_TRUSTED_ORIGINS (`https://*.example.com` for every subdomain). A browser's HTTP write must
-also carry the CSRF token. A socket needs an Origin that passes, and a Host that ALLOWED_HOSTS names.
+also carry the CSRF token. A socket needs an Origin that passes, and a Host that ALLOWED_HOSTS names. A
+browser also says where a request comes from in `Sec-Fetch-Site`; `cross-site` is refused whatever the
+Origin says (or when it is missing).
 """
 
 from __future__ import annotations
@@ -45,8 +47,14 @@ def is_trusted_origin(origin: str, scheme: str, host: str | None) -> bool:
     return any(w.scheme == parsed.scheme and is_same_domain(parsed.netloc, w.netloc.lstrip("*")) for w in wildcards)
 
 
+def from_another_site(fetch_site: str | None) -> bool:
+    return (fetch_site or "").strip().lower() == "cross-site"
+
+
 def from_this_site(request: HttpRequest) -> bool:
     """Whether an HTTP request comes from a script or from a page of this site."""
+    if from_another_site(request.headers.get("Sec-Fetch-Site")):
+        return False
     origin = request.headers.get("Origin")
     if origin is None:
         return True
@@ -80,6 +88,8 @@ def socket_from_this_site(scope: dict[str, Any]) -> bool:
     """Whether a socket was opened by a page of this site (Channels' own check compares host names only,
     so a page on another port or scheme of the same host would pass it)."""
     headers = dict(scope.get("headers", []))
+    if from_another_site(headers.get(b"sec-fetch-site", b"").decode("latin-1")):
+        return False
     if b"origin" not in headers:
         return False
     origin, host = headers[b"origin"].decode("latin-1"), headers.get(b"host", b"").decode("latin-1")

@@ -10,6 +10,7 @@ import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
@@ -135,6 +136,7 @@ REDIS_URL = env_str("REDIS_URL")
 # A page's channel must hold the pieces of a whole answer while a busy process catches up: the layers
 # silently drop what does not fit, and their default capacity (100 messages) is less than one answer.
 CHANNEL_CAPACITY = 5000
+CACHES: dict[str, dict[str, Any]]
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
@@ -142,10 +144,22 @@ if REDIS_URL:
             "CONFIG": {"hosts": [REDIS_URL], "capacity": CHANNEL_CAPACITY},
         }
     }
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL},
+        "logins": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL},
+    }
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "gantry.layers.InMemoryChannelLayer", "CONFIG": {"capacity": CHANNEL_CAPACITY}}}
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+        # The login failure counters apart from sessions, and roomy (each entry is a fixed-size hash and a
+        # number): guesses at many usernames must not push a locked account's count out of the cache.
+        "logins": {
+            "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+            "LOCATION": "logins",
+            "OPTIONS": {"MAX_ENTRIES": 100_000},
+        },
+    }
 
 # Celery: a broker only in production; embedded, background work runs in the web process.
 CELERY_BROKER_URL = REDIS_URL
@@ -155,6 +169,9 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 
+# Every password check, the Django admin's login included, counts failures per account and per address
+# before it hashes (chat/accounts.py).
+AUTHENTICATION_BACKENDS = ["chat.accounts.GuardedModelBackend"]
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
@@ -186,7 +203,7 @@ REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["gantry.parsers.JSONParser"],
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 
@@ -204,8 +221,14 @@ GANTRY_MAX_ANSWER_TOKENS = env_int("GANTRY_MAX_ANSWER_TOKENS", 512, minimum=1)
 GANTRY_MAX_CONCURRENT_GENERATIONS = env_int("GANTRY_MAX_CONCURRENT_GENERATIONS", 8, minimum=1)
 # Threads serving pages and the chat API in each web process (see gantry/serving.py).
 GANTRY_WEB_THREADS = env_int("GANTRY_WEB_THREADS", 2, minimum=1)
+# Threads checking passwords in each web process, apart from the web threads: hashing a password takes a
+# core for a good part of a second, and logins queued behind one another must not hold up pages.
+GANTRY_LOGIN_THREADS = env_int("GANTRY_LOGIN_THREADS", 1, minimum=1)
 GANTRY_MAX_QUEUED = env_int("GANTRY_MAX_QUEUED", 1000, minimum=1)
+# One person's messages waiting for the model: no one account fills the queue for everyone.
+GANTRY_MAX_QUEUED_PER_USER = env_int("GANTRY_MAX_QUEUED_PER_USER", 20, minimum=1)
 GANTRY_LOGIN_MAX_FAILURES = env_int("GANTRY_LOGIN_MAX_FAILURES", 5, minimum=1)
+GANTRY_LOGIN_MAX_FAILURES_PER_ADDRESS = env_int("GANTRY_LOGIN_MAX_FAILURES_PER_ADDRESS", 20, minimum=1)
 GANTRY_LOGIN_LOCKOUT = env_int("GANTRY_LOGIN_LOCKOUT", 300, minimum=1)
 # Sockets (pages) a user may have open at once, counted across every web process.
 GANTRY_MAX_SOCKETS_PER_USER = env_int("GANTRY_MAX_SOCKETS_PER_USER", 20, minimum=1)

@@ -54,6 +54,8 @@ def end_sessions(user_id: int, session_key: str | None = None) -> None:
     """Close the sockets of one session of the user (`session_key`), or of all of them (None)."""
     broadcast(sockets_group(user_id), SessionEndedEvent(type="session.ended", session_key=session_key))
 
+from gantry.parsers import loads
+
 
 class EventConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     """A page's socket: admitted as the module says, then forwarding the broadcast events named in
@@ -152,6 +154,19 @@ class EventConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
             await self.send_json(message)
         else:
             await super().dispatch(message)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any) -> None:
+        # Channels would raise on a binary frame or malformed JSON (nested too deeply included), which
+        # closes the socket with an error: a page's mistake is answered, never a crash.
+        try:
+            content = loads(text_data if text_data is not None else bytes_data or b"")
+        except ValueError:
+            await self.refuse_malformed()
+            return
+        await self.receive_json(content, **kwargs)
+
+    async def refuse_malformed(self) -> None:
+        pass  # a socket that takes no actions ignores what it cannot read, too
 
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         pass  # actions go through the HTTP API unless a consumer takes some here

@@ -19,16 +19,22 @@ from fastapi import HTTPException, Request
 Permission = Literal["admin", "api"]
 
 
+def same_key(given: str, key: str) -> bool:
+    """A constant-time comparison of any header value with a key. Compared as bytes: compare_digest
+    refuses str with non-ASCII characters (a TypeError, which would answer a plain-text 500)."""
+    return secrets.compare_digest(given.encode("utf-8", "surrogatepass"), key.encode("utf-8", "surrogatepass"))
+
+
 @dataclass
 class AuthKeys:
     api_keys: list[str]
     admin_key: str
 
     def is_admin(self, key: str) -> bool:
-        return secrets.compare_digest(key, self.admin_key)
+        return same_key(key, self.admin_key)
 
     def is_api(self, key: str) -> bool:
-        return self.is_admin(key) or any(secrets.compare_digest(key, k) for k in self.api_keys)
+        return self.is_admin(key) or any(same_key(key, k) for k in self.api_keys)
 
 
 def write_private(path: Path, text: str) -> bool:
