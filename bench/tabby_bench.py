@@ -2,7 +2,7 @@
 
 - streamed tokens per second over HTTP vs the engine in-process (ratio, target >= 0.90)
 - time to first token over HTTP minus in-process (median, target <= 5 ms)
-- load time of the 1 GB model vs reading its weight files from the page cache (ratio)
+- load time of the 1 GB model vs reading its weight files from the page cache (median of 5, target <= 1.5x)
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ MODEL = "Small-Chat-200M"
 LARGE = "Large-Chat-1G"
 TOKENS = 128
 ROUNDS = 7
+LOADS = 5
 MESSAGES = [{"role": "user", "content": "Describe what a Python package is, in a few sentences."}]
 
 
@@ -105,7 +106,7 @@ def loading(server: TabbyServer) -> None:
     loads: list[float] = []
     reads: list[float] = []
     with server.client(admin=True) as client:
-        for _ in range(3):
+        for _ in range(LOADS):
             client.post("/v1/model/unload")
             started = time.perf_counter()
             events = load_events(server, LARGE)
@@ -113,8 +114,8 @@ def loading(server: TabbyServer) -> None:
             assert events[-1]["status"] == "finished", events[-1]
             reads.append(read_from_page_cache(files))
     size = sum(f.stat().st_size for f in files) / 1e6
-    print(f"Loading {LARGE} ({size:.0f} MB), median of 3:")
-    report("load time over HTTP (vs reading the files from page cache)", median(loads), "s", median(reads))
+    print(f"Loading {LARGE} ({size:.0f} MB), median of {LOADS}:")
+    report("load time over HTTP (vs reading the files from page cache)", median(loads), "s", median(reads), "<= 1.5x")
 
 
 def main() -> None:

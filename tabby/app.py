@@ -17,7 +17,6 @@ from fastapi.responses import JSONResponse
 
 from tabby.auth import Authenticator, AuthKeys
 from tabby.config import Config
-from tabby.engines.base import LoadOptions
 from tabby.errors import TabbyError
 from tabby.manager import LoadRequest, ModelManager
 from tabby.routes import router
@@ -57,7 +56,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 async def startup_load(manager: ModelManager, config: Config) -> None:
     name = config.model.model_name
     try:
-        last = await manager.load_and_wait(LoadRequest(name, LoadOptions(load_throttle_mbps=config.model.load_throttle_mbps)))
+        last = await manager.load_and_wait(LoadRequest(name, config.model.load_options()))
     except TabbyError as exc:
         log.error("Could not load %s at startup: %s", name, exc.detail)
         return

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tabby.engines.base import LoadOptions
 
 
 class ConfigError(ValueError):
@@ -47,6 +49,18 @@ class ModelConfig:
     load_throttle_mbps: float = 0.0
     # Longest wait for running generations before an unload (or a load of another model) cancels them.
     unload_timeout: float = 30.0
+
+    def load_options(self, **request: Any) -> LoadOptions:
+        """These settings as a load's options, overridden by what a load request sets (None: not set)."""
+        defaults = LoadOptions(
+            max_seq_len=self.max_seq_len or None,
+            cache_size=self.cache_size or None,
+            cache_mode=self.cache_mode or None,
+            chunk_size=self.chunk_size or None,
+            prompt_template=self.prompt_template or None,
+            load_throttle_mbps=self.load_throttle_mbps,
+        )
+        return replace(defaults, **{key: value for key, value in request.items() if value is not None})
 
 
 @dataclass

@@ -25,6 +25,12 @@ class ModelNameError(TabbyError):
     status = 400
 
 
+class UnsupportedLoadOptionError(TabbyError):
+    """A load asks for something this server does not do; refused before any stream rather than ignored."""
+
+    status = 400
+
+
 class ModelNotLoadedError(TabbyError):
     """No model is ready to serve: none is loaded, or one is loading or unloading."""
 

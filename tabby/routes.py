@@ -16,8 +16,8 @@ from sse_starlette import EventSourceResponse
 
 from tabby.auth import Authenticator
 from tabby.config import Config
-from tabby.engines.base import ContextLengthError, Engine, LoadOptions
-from tabby.errors import ModelUnavailableError, TabbyError
+from tabby.engines.base import ContextLengthError, Engine
+from tabby.errors import ModelUnavailableError, TabbyError, UnsupportedLoadOptionError
 from tabby.manager import LoadRequest, ModelManager
 from tabby.responses import SERVICE_INFO, Generation, compact, context_error, model_card
 from tabby.schemas import (
@@ -108,7 +108,9 @@ async def props(request: Request) -> dict[str, Any]:
 @router.post("/v1/model/load", dependencies=ADMIN)
 async def load_model(request: Request, body: ModelLoadRequest) -> EventSourceResponse:
     config = config_of(request)
-    options = LoadOptions(
+    if (body.draft_model or {}).get("draft_model_name"):
+        raise UnsupportedLoadOptionError("This server does not run draft models (speculative decoding); load without draft_model.")
+    options = config.model.load_options(
         max_seq_len=body.max_seq_len,
         cache_size=body.cache_size,
         cache_mode=body.cache_mode,
@@ -119,7 +121,7 @@ async def load_model(request: Request, body: ModelLoadRequest) -> EventSourceRes
         gpu_split_auto=body.gpu_split_auto,
         gpu_split=body.gpu_split,
         autosplit_reserve=body.autosplit_reserve,
-        load_throttle_mbps=config.model.load_throttle_mbps if body.load_throttle_mbps is None else body.load_throttle_mbps,
+        load_throttle_mbps=body.load_throttle_mbps,
     )
     events = manager_of(request).start_load(LoadRequest(body.model_name, options, body.backend))
 
@@ -194,7 +196,7 @@ async def inline_load(request: Request, model: str | None) -> None:
         return
     if auth.keys is not None and auth.permission(request) != "admin":
         raise HTTPException(401, f"Unable to switch model to {model} because an admin key isn't provided")
-    last = await manager.load_and_wait(LoadRequest(model, LoadOptions(load_throttle_mbps=config.model.load_throttle_mbps)))
+    last = await manager.load_and_wait(LoadRequest(model, config.model.load_options()))
     if "error" in last:
         raise ModelUnavailableError(f"Loading {model} failed: {last['error']['message']}")
 

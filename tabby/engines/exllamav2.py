@@ -30,19 +30,24 @@ from tabby.engines.exllamav2_jobs import (
     result_chunk,
     run_on_loop,
     sampler_settings,
+    stop_conditions,
     token_count,
+    tokenizer_token,
 )
 from tabby.engines.exllamav2_support import (
     CACHE_CLASSES,
     DEFAULT_CHUNK_SIZE,
-    DEFAULT_RESERVE_MB,
     MAX_Q_SIZE,
     PAGE_SIZE,
     ExLlamaV2Modules,
+    autosplit_reserve_bytes,
+    cache_tokens,
     check_cache_mode,
     check_model_folder,
     eos_token_ids,
+    flash_attn_hardware,
     flash_attn_supports_paging,
+    gpus_in_use,
     import_exllamav2,
     native_max_seq_len,
     round_up_to_page,
@@ -71,9 +76,9 @@ class ExLlamaV2Engine:
         self.hf_config = check_model_folder(model_dir)
         self.cache_mode = check_cache_mode(options.cache_mode)
         # Estimates until load_gen() reads the real values from exllamav2's config.
-        max_seq_len = options.max_seq_len or native_max_seq_len(self.hf_config)
-        self.cache_size = round_up_to_page(options.cache_size or max_seq_len)
-        self.max_seq_len = min(max_seq_len, self.cache_size)
+        native = native_max_seq_len(self.hf_config)
+        self.cache_size = cache_tokens(options.max_seq_len, options.cache_size, native)
+        self.max_seq_len = min(options.max_seq_len or native, self.cache_size)
         self.rope_scale = options.rope_scale
         self.rope_alpha = options.rope_alpha
         self.max_batch_size = 1
@@ -82,6 +87,7 @@ class ExLlamaV2Engine:
         self.prompt_template: str | None = None
         self.eos_ids: list[int] = []
         self.add_bos_token = True
+        self.devices: list[int] = []
         self._lib: ExLlamaV2Modules | None = None
         self._config: Any = None
         self._model: Any = None
@@ -118,14 +124,16 @@ class ExLlamaV2Engine:
             raise ModelFolderError(f"exllamav2 could not read the model folder {self.model_name} ({reason}).") from None
         self._apply_overrides(cfg)
         cfg.arch_compat_overrides(quiet=False, warn_only=False)
+        self.devices = gpus_in_use(self.options.gpu_split_auto is not False, self.options.gpu_split)
+        if not flash_attn_hardware(self.devices):
+            # exllamav2 turns flash-attn on at import whenever it is installed, even for GPUs it cannot run on.
+            cfg.no_flash_attn = True
         return cfg
 
     def _apply_overrides(self, cfg: Any) -> None:
         """The load options; prepare() has just overwritten max_seq_len with the model's own."""
-        if self.options.max_seq_len:
-            cfg.max_seq_len = self.options.max_seq_len
-        self.cache_size = round_up_to_page(self.options.cache_size or cfg.max_seq_len)
-        cfg.max_seq_len = min(cfg.max_seq_len, self.cache_size)
+        self.cache_size = cache_tokens(self.options.max_seq_len, self.options.cache_size, cfg.max_seq_len)
+        cfg.max_seq_len = min(self.options.max_seq_len or cfg.max_seq_len, self.cache_size)
         if self.options.rope_scale is not None:
             cfg.scale_pos_emb = self.options.rope_scale
         if self.options.rope_alpha is not None:
@@ -146,7 +154,7 @@ class ExLlamaV2Engine:
         if self.options.gpu_split_auto is not False:
             # Autosplit places the cache as it fills each GPU, so the cache must exist first, unallocated.
             self._cache = self._new_cache(lazy=True)
-            reserve = [int(mb * 1024**2) for mb in self.options.autosplit_reserve or [DEFAULT_RESERVE_MB]]
+            reserve = autosplit_reserve_bytes(self.options.autosplit_reserve, len(self.devices))
             yield from self._model.load_autosplit_gen(
                 self._cache, reserve_vram=reserve, last_id_only=True, callback_gen=_report_progress
             )
@@ -191,7 +199,7 @@ class ExLlamaV2Engine:
         """Decide the generator's shape now (the card shows it) and build it later inside the loop."""
         # load_autosplit may have clamped max_input_len to max_seq_len; paged chunks must be whole pages.
         paged_chunk = self._config.max_input_len // PAGE_SIZE * PAGE_SIZE
-        self.paged = paged_chunk > 0 and not self._config.no_flash_attn and flash_attn_supports_paging()
+        self.paged = paged_chunk > 0 and not self._config.no_flash_attn and flash_attn_supports_paging(self.devices)
         self.chunk_size = paged_chunk if self.paged else self._config.max_input_len
         # Unpaged, one page spans the whole cache: only one job can run at a time.
         self.max_batch_size = self._config.max_input_len // MAX_Q_SIZE if self.paged else 1
@@ -227,7 +235,7 @@ class ExLlamaV2Engine:
                 f"{self.model_name} has no chat template; set prompt_template when loading it, or use completions."
             )
         names = ("bos_token", "eos_token", "pad_token", "unk_token")
-        tokens = {name: _tokenizer_token(tokenizer, name) for name in names}
+        tokens = {name: tokenizer_token(tokenizer, name) for name in names}
         text = render_chat_template(self._template, messages, add_generation_prompt, tokens, template_vars)
         # encode() adds the BOS itself when the tokenizer wants one; a second one would change the answer.
         bos = tokens["bos_token"]
@@ -246,7 +254,8 @@ class ExLlamaV2Engine:
         max_new_tokens = self._max_new_tokens(len(prompt_ids), params.max_tokens)
         generator = self._ensure_generator()
         assert self._lib is not None
-        settings = sampler_settings(self._lib.generator, params)
+        banned = self.eos_ids if params.ban_eos_token else []
+        settings = sampler_settings(self._lib.generator, params, self._tokenizer, banned)
         job = self._start_job(generator, prompt_ids, params, settings, max_new_tokens)
         self._jobs.add(job)
         narrow_range = narrows_penalty_range(params)
@@ -294,14 +303,6 @@ class ExLlamaV2Engine:
             self._generator, self._generator_loop = generator, loop
         return generator
 
-    def stop_conditions(self, params: SamplingParams) -> list[int | str]:
-        """Request stops plus every EOS id: nothing stops on EOS by default."""
-        conditions: list[int | str] = [s for s in params.stop if s]
-        conditions += params.stop_token_ids
-        if not params.ban_eos_token:
-            conditions += self.eos_ids
-        return list(dict.fromkeys(conditions))
-
     def _start_job(
         self, generator: Any, prompt_ids: list[int], params: SamplingParams, settings: Any, max_new_tokens: int
     ) -> Any:
@@ -317,7 +318,8 @@ class ExLlamaV2Engine:
                 min_new_tokens=min(params.min_tokens, max_new_tokens),
                 gen_settings=settings,
                 seed=params.seed,
-                stop_conditions=self.stop_conditions(params),
+                stop_conditions=stop_conditions(params, self.eos_ids),
+                decode_special_tokens=True,  # else a stop string such as "<|eot_id|>" never matches
             )
         except BaseException:
             # The job registers itself before enqueue() runs, so a failed enqueue leaves an entry that
@@ -387,10 +389,3 @@ class ExLlamaV2Engine:
 
         gc.collect()
         torch.cuda.empty_cache()
-
-
-def _tokenizer_token(tokenizer: Any, name: str) -> str:
-    value = getattr(tokenizer, name, "")
-    return value if isinstance(value, str) else ""
-
-

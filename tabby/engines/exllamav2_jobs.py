@@ -26,10 +26,10 @@ class GenerationAbortedError(RuntimeError):
 # Sampling and results
 
 
-def sampler_settings(generator_module: ModuleType, params: SamplingParams) -> Any:
-    """Every field set: the library's defaults are not neutral (temperature 0.8, top_k 50, ...)."""
+def sampler_settings(generator_module: ModuleType, params: SamplingParams, tokenizer: Any, banned: list[int]) -> Any:
+    """Every field set (the library's defaults are not neutral: temperature 0.8, top_k 50, ...), `banned` never sampled."""
     greedy = params.temperature < 0.01
-    return generator_module.ExLlamaV2Sampler.Settings(
+    settings = generator_module.ExLlamaV2Sampler.Settings(
         temperature=1.0 if greedy else params.temperature,
         top_k=1 if greedy else max(params.top_k, 0),
         top_p=0.0 if greedy else params.top_p,
@@ -44,6 +44,25 @@ def sampler_settings(generator_module: ModuleType, params: SamplingParams) -> An
         mirostat=False, mirostat_tau=1.5, mirostat_eta=0.1,
         token_bias=None, cfg_scale=None, dry_multiplier=0.0, xtc_probability=0.0, xtc_threshold=0.1,
     )
+    # A -inf logit bias; ids past the vocabulary (a config's stray EOS id) would fail the indexing.
+    banned = [i for i in banned if 0 <= i < tokenizer.config.vocab_size]
+    if banned:
+        settings.disallow_tokens(tokenizer, banned)
+    return settings
+
+
+def stop_conditions(params: SamplingParams, eos_ids: list[int]) -> list[int | str]:
+    """Request stops plus every EOS id (nothing stops on EOS by default); a banned EOS is never sampled."""
+    conditions: list[int | str] = [s for s in params.stop if s]
+    conditions += params.stop_token_ids
+    if not params.ban_eos_token:
+        conditions += eos_ids
+    return list(dict.fromkeys(conditions))
+
+
+def tokenizer_token(tokenizer: Any, name: str) -> str:
+    value = getattr(tokenizer, name, "")
+    return value if isinstance(value, str) else ""
 
 
 def narrows_penalty_range(params: SamplingParams) -> bool:

@@ -38,6 +38,10 @@ CACHE_CLASSES = {
 PAGE_SIZE = 256  # the dynamic generator's page; the cache must hold whole pages even unpaged
 DEFAULT_CHUNK_SIZE = 2048
 DEFAULT_RESERVE_MB = 96.0
+# The cache is allocated whole at load: a model's native context (131k tokens for Llama 3.1) would
+# take 16 GiB, so without a max_seq_len or cache_size the context is capped here, as TabbyAPI does.
+DEFAULT_MAX_SEQ_LEN = 4096
+EXTENSION = "exllamav2_ext"  # the compiled module exllamav2 imports, or else compiles on the spot
 MAX_Q_SIZE = 8  # the dynamic generator's default max_q_size
 MIN_FLASH_ATTN = (2, 5, 7)
 LOOP_TIMEOUT_S = 60.0
@@ -70,17 +74,28 @@ def import_exllamav2() -> ExLlamaV2Modules:
             "The exllamav2 backend is not available: exllamav2 is not installed. Install Gantry's 'gpu' "
             "extra on this GPU machine, or use backend 'torch' (or 'auto') instead."
         )
+    if importlib.util.find_spec(EXTENSION) is None:
+        # Without it, importing exllamav2 compiles it with nvcc: minutes inside this load, which then
+        # looks stuck (and fails without a CUDA toolkit). It is built once, ahead of any load.
+        raise EngineUnavailableError(
+            f"exllamav2 is installed without its compiled CUDA extension ({EXTENSION}), so loading would "
+            "first compile it, for minutes. Build it once ahead of time (the GPU image does; see the README, "
+            "'GPU install'), or install an exllamav2 wheel built for this torch and CUDA."
+        )
     threads = torch.get_num_threads()
     try:
         return ExLlamaV2Modules(importlib.import_module("exllamav2"), importlib.import_module("exllamav2.generator"))
-    except (ImportError, OSError, RuntimeError) as exc:
-        # Importing exllamav2.model sets torch to one thread process-wide; a failed import must not.
-        torch.set_num_threads(threads)
+    except (ImportError, OSError, RuntimeError, NameError) as exc:
+        # NameError: exllamav2 swallows an extension that fails to load (other than "undefined symbol")
+        # and then trips over the name it never bound.
         raise EngineUnavailableError(
             f"exllamav2 is installed but its CUDA extension could not be loaded ({type(exc).__name__}: {exc}). "
-            "It needs a prebuilt wheel matching this torch and CUDA, or the CUDA toolkit and ninja to build it. "
-            "Fix the 'gpu' install or use backend 'torch' (or 'auto') instead."
+            "It needs an extension built for this torch and CUDA (see the README, 'GPU install'). "
+            "Fix the GPU install or use backend 'torch' (or 'auto') instead."
         ) from exc
+    finally:
+        # Importing exllamav2.model sets torch to one CPU thread for the whole process.
+        torch.set_num_threads(threads)
 
 
 def check_model_folder(model_dir: Path) -> dict[str, Any]:
@@ -155,14 +170,42 @@ def eos_token_ids(config: dict[str, Any], generation_config: dict[str, Any] | No
     return list(dict.fromkeys(ids))
 
 
-def flash_attn_supports_paging() -> bool:
-    """flash-attn >= 2.5.7 importable and every GPU of compute capability 8 or more."""
+def cache_tokens(max_seq_len: int | None, cache_size: int | None, native: int) -> int:
+    """The cache in whole pages: as asked, else the context asked for, else the model's own capped at 4096."""
+    return round_up_to_page(cache_size or max_seq_len or min(native, DEFAULT_MAX_SEQ_LEN))
+
+
+def autosplit_reserve_bytes(reserve_mb: list[float] | None, gpus: int) -> list[int]:
+    """Bytes to leave free on each GPU; autosplit reads one entry per GPU it reaches (TabbyAPI pads with 0)."""
+    reserve = [math.ceil(mb * 1024**2) for mb in reserve_mb or [DEFAULT_RESERVE_MB]]
+    return (reserve + [0] * gpus)[: max(gpus, 1)]
+
+
+def gpus_in_use(gpu_split_auto: bool, gpu_split: list[float] | None) -> list[int]:
+    """The devices a load will put layers on: every GPU for autosplit, else those given memory (GPU 0 by default)."""
+    import torch
+
+    if gpu_split_auto:
+        return list(range(torch.cuda.device_count()))
+    return [i for i, gib in enumerate(gpu_split or []) if gib > 0] or [0]
+
+
+def flash_attn_hardware(devices: list[int]) -> bool:
+    """Every GPU in use can run flash-attn 2: NVIDIA, compute capability 8 (Ampere) or more."""
+    import torch
+
+    if getattr(torch.version, "hip", None):
+        return False
+    return all(torch.cuda.get_device_capability(i)[0] >= 8 for i in devices)
+
+
+def flash_attn_supports_paging(devices: list[int]) -> bool:
+    """flash-attn >= 2.5.7 importable and every GPU in use of compute capability 8 or more."""
     try:
         import flash_attn
-        import torch
     except (ImportError, OSError, RuntimeError):
         return False
     numbers = re.findall(r"\d+", str(getattr(flash_attn, "__version__", "0")))[:3]
     if tuple(int(n) for n in numbers) < MIN_FLASH_ATTN:
         return False
-    return all(torch.cuda.get_device_capability(i)[0] >= 8 for i in range(torch.cuda.device_count()))
+    return flash_attn_hardware(devices)

@@ -1,6 +1,8 @@
 """The CPU engine: Hugging Face model folders run with PyTorch through transformers.
 
-Weights are read module by module (one progress step per module really in memory). Generation
+Weights are read module by module (one progress step per module really in memory), straight
+into the memory the parameters keep: the model is built on the `meta` device (no allocation, no
+random initialisation) and each module's tensors are assigned as read. Generation
 runs on one worker thread that steps every running job in turn, each with its own KV cache, so
 several answers progress at once while the event loop stays free to serve HTTP.
 """
@@ -62,6 +64,21 @@ def module_groups(names: list[str]) -> list[tuple[str, list[str]]]:
             key = name.rsplit(".", 1)[0]
         groups.setdefault(key, []).append(name)
     return list(groups.items())
+
+
+def _assign(model: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """Make `tensors` the parameters (and buffers) of their names, as they are: no copy."""
+    # Load through the smallest submodule holding them all: walking the whole model per module
+    # would cost more than the reads of a small module.
+    names = list(tensors)
+    prefix = names[0].split(".")[:-1]
+    for name in names[1:]:
+        parts = name.split(".")
+        while prefix and parts[: len(prefix)] != prefix:
+            prefix.pop()
+    owner = model.get_submodule(".".join(prefix)) if prefix else model
+    cut = len(".".join(prefix)) + 1 if prefix else 0
+    owner.load_state_dict({name[cut:]: tensor for name, tensor in tensors.items()}, strict=False, assign=True)
 
 
 def _release_memory() -> None:
@@ -143,11 +160,13 @@ class TorchEngine:
         expected = list(model.state_dict().keys())
         present = [name for name in expected if name in entries]
         groups = module_groups(present)
-        reader = WeightReader(self.options.load_throttle_mbps)
+        # Read with as many threads as the engine computes with (the `cpu_threads` setting).
+        reader = WeightReader(self.options.load_throttle_mbps, threads=torch.get_num_threads())
         try:
             for k, (_, names) in enumerate(groups, start=1):
-                tensors = {name: reader.read(entries[name]).to(torch.float32) for name in names}
-                model.load_state_dict(tensors, strict=False, assign=True)
+                # The tensors become the parameters as read (assign=True); only other dtypes are converted.
+                tensors = {name: t.to(torch.float32) for name, t in reader.read_module({n: entries[n] for n in names}).items()}
+                _assign(model, tensors)
                 del tensors
                 if k == len(groups):  # the last step also makes the model ready to answer
                     self._finish_model(model)

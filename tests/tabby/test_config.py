@@ -58,3 +58,12 @@ def test_api_key_may_be_a_list(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"api_key": ["one", "two"], "admin_key": "boss"}))
     keys = load_or_create_keys(path)
     assert keys.is_api("two") and keys.is_api("boss") and not keys.is_admin("one")
+
+
+def test_the_model_settings_are_a_loads_defaults_and_a_request_overrides_them(tmp_path: Path) -> None:
+    config = load_config(tmp_path / "missing.yml", environ={"TABBY_MODEL_MAX_SEQ_LEN": "32768", "TABBY_MODEL_CACHE_MODE": "Q4"})
+    defaults = config.model.load_options()
+    assert (defaults.max_seq_len, defaults.cache_size, defaults.cache_mode, defaults.chunk_size) == (32768, None, "Q4", 2048)
+    assert (defaults.prompt_template, defaults.load_throttle_mbps) == (None, 0.0)
+    asked = config.model.load_options(max_seq_len=8192, cache_size=None, gpu_split=[20.0], load_throttle_mbps=5.0)
+    assert (asked.max_seq_len, asked.cache_mode, asked.gpu_split, asked.load_throttle_mbps) == (8192, "Q4", [20.0], 5.0)

@@ -37,6 +37,7 @@ from tabby.engines.exllamav2 import ExLlamaV2Engine, GenerationAbortedError, imp
 from tabby.templating import ChatTemplateError, find_chat_template
 
 LLAMA31_EOS = [128001, 128008, 128009]
+SPECIAL_PIECES = {128001: "<|end_of_text|>", 128008: "<|eom_id|>", 128009: "<|eot_id|>"}
 T = TypeVar("T")
 
 
@@ -89,6 +90,7 @@ class ExLlamaV2Config(Recorded):
         config = json.loads((folder / "config.json").read_text())
         self.architecture = config["architectures"][0]
         self.max_seq_len = config.get("max_position_embeddings", 2048)
+        self.vocab_size = config.get("vocab_size", 128256)
         eos = config.get("eos_token_id")
         self.eos_token_id = eos[0] if isinstance(eos, list) else eos  # exllamav2 keeps only the first
         if (folder / "generation_config.json").exists():
@@ -112,7 +114,7 @@ class ExLlamaV2(Recorded):
         self.config = config
         self.modules = ["embedding", "attn.0", "mlp.0", "attn.1", "mlp.1", "norm", "head"]
         self.loaded = 0
-        self.standin.record("ExLlamaV2", model=self)
+        self.standin.record("ExLlamaV2", model=self, no_flash_attn=config.no_flash_attn)
 
     def load_gen(
         self, gpu_split: list[float] | None = None, lazy: bool = False, stats: bool = False,
@@ -128,6 +130,13 @@ class ExLlamaV2(Recorded):
         assert cache.lazy, "Cache must be lazy for autosplit"
         self.standin.record("load_autosplit_gen", reserve_vram=reserve_vram, last_id_only=last_id_only)
         self.config.max_input_len = min(self.config.max_input_len, self.config.max_seq_len)
+        devices = torch.cuda.device_count()
+        if reserve_vram is None:
+            reserve_vram = [192 * 1024**2] + [64 * 1024**2] * (devices - 1)
+        elif isinstance(reserve_vram, int):
+            reserve_vram = [reserve_vram] * devices
+        for device in range(devices):  # the model fills GPU 0, then GPU 1, ...: each reads its reserve
+            assert reserve_vram[device] >= 0
         yield from self._load(callback_gen)
 
     def _load(self, callback_gen: Any) -> Iterator[Any]:
@@ -180,6 +189,7 @@ class ExLlamaV2Tokenizer(Recorded):
                  force_spm: bool = False) -> None:
         if not (Path(str(config.model_dir)) / "tokenizer.json").exists():
             raise FileNotFoundError("No supported tokenizer found.")
+        self.config = config
         self.bos_token_id, self.eos_token_id = 1, config.eos_token_id
         self.standin.record("ExLlamaV2Tokenizer")
 
@@ -224,6 +234,12 @@ class Settings:
     xtc_probability: float = 0.0
     xtc_threshold: float = 0.1
 
+    def disallow_tokens(self, tokenizer: ExLlamaV2Tokenizer, tokens: list[int]) -> None:
+        if self.token_bias is None:
+            padding = -tokenizer.config.vocab_size % 32
+            self.token_bias = torch.zeros((tokenizer.config.vocab_size + padding,), dtype=torch.float)
+        self.token_bias[tokens] = float("-inf")
+
 
 class ExLlamaV2Sampler:
     Settings = Settings
@@ -241,13 +257,14 @@ class ExLlamaV2DynamicJob(Recorded):
             raise ValueError("Unsupported type in stop_conditions")
         self.prompt = ids[0][0].tolist()
         self.max_new_tokens, self.gen_settings = max_new_tokens, gen_settings or Settings()
+        self.decode_special_tokens = decode_special_tokens
         self.stops = list(stop_conditions or [])
         self.tokens: list[int] = []
         self.started, self.ranges = False, list[int]()
         self.standin.jobs.append(self)
         self.standin.record(
             "ExLlamaV2DynamicJob", max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, seed=seed,
-            stop_conditions=self.stops,
+            stop_conditions=self.stops, decode_special_tokens=decode_special_tokens,
         )
 
     def step(self) -> dict[str, Any]:
@@ -258,10 +275,14 @@ class ExLlamaV2DynamicJob(Recorded):
         self.ranges.append(self.gen_settings.token_repetition_range)
         script = [ord(c) for c in self.standin.reply] + [self.standin.end_token]
         token = script[len(self.tokens)] if len(self.tokens) < len(script) else ord(".")
+        bias = self.gen_settings.token_bias
+        if bias is not None and bias[token] == float("-inf"):
+            token = ord(".")  # the sampler takes the model's next choice
         if token in self.stops:
             return self._end(base, "stop_token", eos_triggering_token_id=token, eos_triggering_token_str="</s>")
         self.tokens.append(token)
-        text = chr(token) if token < 0x110000 else ""
+        # Special tokens decode to their text only when asked; else to "" (exllamav2's id_to_piece list).
+        text = (SPECIAL_PIECES[token] if self.decode_special_tokens else "") if token in SPECIAL_PIECES else chr(token)
         if text in self.stops:
             return self._end(base, "stop_string", eos_triggering_string=text)
         result = {**base, "text": text, "token_ids": torch.tensor([[token]])}
@@ -402,6 +423,18 @@ def standin_package() -> tuple[ModuleType, ModuleType]:
     return core, generator
 
 
+def gpus(monkeypatch: pytest.MonkeyPatch, *capabilities: tuple[int, int]) -> None:
+    """The machine's GPUs, by compute capability."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capabilities[device or 0])
+
+
+def compiled_extension() -> ModuleType:
+    extension = ModuleType("exllamav2_ext")
+    extension.__spec__ = importlib.machinery.ModuleSpec("exllamav2_ext", None)
+    return extension
+
+
 @pytest.fixture
 def standin(monkeypatch: pytest.MonkeyPatch) -> StandIn:
     state = StandIn()
@@ -409,7 +442,9 @@ def standin(monkeypatch: pytest.MonkeyPatch) -> StandIn:
     monkeypatch.setattr(Recorded, "standin", state, raising=False)
     monkeypatch.setitem(sys.modules, "exllamav2", core)
     monkeypatch.setitem(sys.modules, "exllamav2.generator", generator)
+    monkeypatch.setitem(sys.modules, "exllamav2_ext", compiled_extension())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpus(monkeypatch, (8, 6))  # one Ampere GPU
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: state.record("torch.cuda.empty_cache"))
     monkeypatch.setattr(gc, "collect", lambda *args: state.record_returning("gc.collect", 0))
     return state
@@ -524,27 +559,79 @@ def test_without_the_package_the_import_points_to_the_gpu_extra(monkeypatch: pyt
         import_exllamav2()
 
 
-class ExtensionBuildFails(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds `exllamav2` and fails importing it the way its JIT build does without a CUDA toolkit."""
+class Installed(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """An installed exllamav2 (and, if `extension`, its compiled extension) whose import runs `on_import`.
+
+    Importing exllamav2.model first sets torch to one thread for the whole process, as the real one does.
+    """
+
+    def __init__(self, extension: bool, on_import: Exception | None = None) -> None:
+        self.names = {"exllamav2", "exllamav2.generator"} | ({"exllamav2_ext"} if extension else set())
+        self.on_import = on_import
+        self.imported: list[str] = []
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        return importlib.util.spec_from_loader(name, self) if name == "exllamav2" else None
+        return importlib.util.spec_from_loader(name, self, is_package=name == "exllamav2") if name in self.names else None
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
         return None
 
     def exec_module(self, module: ModuleType) -> None:
-        torch.set_num_threads(1)  # what importing exllamav2.model does first
-        raise OSError("CUDA_HOME environment variable is not set. Please set it to your CUDA install root.")
+        self.imported.append(module.__name__)
+        torch.set_num_threads(1)
+        if self.on_import is not None:
+            raise self.on_import
 
 
-def test_an_extension_that_cannot_build_becomes_a_readable_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "meta_path", [ExtensionBuildFails(), *sys.meta_path])
+@pytest.fixture
+def install(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """Put an `Installed` exllamav2 on the import path; whatever it imported is forgotten afterwards."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     threads = torch.get_num_threads()
-    with pytest.raises(EngineUnavailableError, match="OSError: CUDA_HOME environment variable is not set"):
+    finders: list[Installed] = []
+
+    def put(extension: bool, on_import: Exception | None = None) -> Installed:
+        finder = Installed(extension, on_import)
+        finders.append(finder)
+        monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
+        return finder
+
+    yield put
+    for name in ("exllamav2", "exllamav2.generator", "exllamav2_ext"):
+        sys.modules.pop(name, None)
+    torch.set_num_threads(threads)
+
+
+def test_an_extension_that_cannot_load_becomes_a_readable_error(install: Any) -> None:
+    install(extension=True, on_import=OSError("libcudart.so.12: cannot open shared object file"))
+    threads = torch.get_num_threads()
+    with pytest.raises(EngineUnavailableError, match="OSError: libcudart.so.12.*built for this torch and CUDA"):
         import_exllamav2()
     assert "exllamav2" not in sys.modules
+    assert torch.get_num_threads() == threads
+
+
+def test_a_half_built_extension_becomes_a_readable_error_too(install: Any) -> None:
+    # exllamav2 swallows an extension import error other than "undefined symbol", then uses the unbound name.
+    install(extension=True, on_import=NameError("name 'exllamav2_ext' is not defined"))
+    with pytest.raises(EngineUnavailableError, match="could not be loaded \\(NameError: name 'exllamav2_ext'"):
+        import_exllamav2()
+
+
+def test_without_the_compiled_extension_no_load_compiles_it(install: Any) -> None:
+    finder = install(extension=False)
+    with pytest.raises(EngineUnavailableError, match="without its compiled CUDA extension.*'GPU install'"):
+        import_exllamav2()
+    assert finder.imported == []  # importing exllamav2 would have started the compiler
+
+
+def test_importing_exllamav2_gives_torch_its_threads_back(install: Any) -> None:
+    finder = install(extension=True)
+    threads = torch.get_num_threads()
+    assert threads > 1 or pytest.skip("needs a torch with more than one thread")
+    modules = import_exllamav2()
+    assert finder.imported == ["exllamav2", "exllamav2.generator"]
+    assert (modules.core.__name__, modules.generator.__name__) == ("exllamav2", "exllamav2.generator")
     assert torch.get_num_threads() == threads
 
 
@@ -585,7 +672,10 @@ def test_progress_comes_after_each_module_is_in_memory(tmp_path: Path, standin: 
     assert "model.unload" in standin.names()  # an abandoned load gives the memory back
 
 
-def test_a_manual_split_loads_the_model_before_creating_the_cache(tmp_path: Path, standin: StandIn) -> None:
+def test_a_manual_split_loads_the_model_before_creating_the_cache(
+    tmp_path: Path, standin: StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gpus(monkeypatch, (8, 6), (8, 9))
     _, progress = loaded_engine(model_folder(tmp_path), gpu_split_auto=False, gpu_split=[20.0, 24.0])
     assert standin.details("load_gen") == {"gpu_split": [20.0, 24.0]}
     assert standin.details("cache") == {
@@ -627,13 +717,58 @@ def test_with_flash_attn_2_5_7_the_generator_is_paged(
     flash_attn = ModuleType("flash_attn")
     flash_attn.__version__ = "2.6.3"  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "flash_attn", flash_attn)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     engine, _ = loaded_engine(model_folder(tmp_path))
     generate(engine, [5, 6, 7], max_tokens=3)
     assert standin.details("ExLlamaV2DynamicGenerator") == {
         "paged": True, "max_batch_size": 256, "max_chunk_size": 2048
     }
+
+
+def test_autosplit_leaves_a_reserve_on_every_gpu(
+    tmp_path: Path, standin: StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gpus(monkeypatch, (8, 6), (8, 6), (8, 6))
+    loaded_engine(model_folder(tmp_path, "a"))
+    assert standin.details("load_autosplit_gen")["reserve_vram"] == [96 * 1024**2, 0, 0]
+    standin.calls.clear()
+    loaded_engine(model_folder(tmp_path, "b"), autosplit_reserve=[512, 256.5, 128, 64])
+    assert standin.details("load_autosplit_gen")["reserve_vram"] == [512 * 1024**2, 256.5 * 1024**2, 128 * 1024**2]
+
+
+def test_flash_attn_is_switched_off_when_a_gpu_in_use_predates_ampere(
+    tmp_path: Path, standin: StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flash_attn = ModuleType("flash_attn")
+    flash_attn.__version__ = "2.6.3"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "flash_attn", flash_attn)
+    gpus(monkeypatch, (8, 6), (7, 5))  # an RTX 3090 and an RTX 2080 Ti
+    engine, _ = loaded_engine(model_folder(tmp_path, "a"))
+    generate(engine, [5, 6, 7], max_tokens=3)
+    assert standin.details("ExLlamaV2")["no_flash_attn"] is True  # before any module loads
+    assert standin.details("ExLlamaV2DynamicGenerator")["paged"] is False
+    assert engine.card_parameters()["max_batch_size"] == 1
+    standin.calls.clear()
+    loaded_engine(model_folder(tmp_path, "b"), gpu_split_auto=False, gpu_split=[24.0])  # the 3090 only
+    assert standin.details("ExLlamaV2")["no_flash_attn"] is False
+
+
+def test_the_cache_holds_4096_tokens_unless_told_otherwise(tmp_path: Path, standin: StandIn) -> None:
+    folder = model_folder(tmp_path, max_position_embeddings=131072)  # Llama 3.1: 16 GiB of FP16 cache
+    engine = ExLlamaV2Engine(folder, LoadOptions())
+    assert (engine.max_seq_len, engine.cache_size) == (4096, 4096)  # the estimate before the load too
+    list(engine.load_gen())
+    assert standin.details("cache")["max_seq_len"] == 4096
+    assert (engine.card_parameters()["max_seq_len"], engine.card_parameters()["cache_size"]) == (4096, 4096)
+    for options, expected in [({"max_seq_len": 32768}, (32768, 32768)), ({"cache_size": 16000}, (16128, 16128)),
+                              ({"max_seq_len": 32768, "cache_size": 8192}, (8192, 8192))]:
+        standin.calls.clear()
+        engine, _ = loaded_engine(folder, **options)
+        assert (engine.max_seq_len, standin.details("cache")["max_seq_len"]) == expected, options
+
+
+def test_a_model_with_a_short_context_keeps_it(tmp_path: Path, standin: StandIn) -> None:
+    engine, _ = loaded_engine(model_folder(tmp_path, max_position_embeddings=2048))
+    assert (engine.max_seq_len, standin.details("cache")["max_seq_len"]) == (2048, 2048)
 
 
 def test_a_load_that_fails_gives_the_memory_back(tmp_path: Path, standin: StandIn) -> None:
@@ -716,11 +851,39 @@ def test_running_out_of_tokens_finishes_with_length(tmp_path: Path, standin: Sta
     assert (chunks[-1].finish_reason, chunks[-1].token_count, chunks[-1].completion_tokens) == ("length", 4, 4)
 
 
-def test_ban_eos_token_leaves_the_eos_ids_out_of_the_stop_conditions(tmp_path: Path, standin: StandIn) -> None:
+def test_ban_eos_token_disallows_every_eos_id_in_the_sampler(tmp_path: Path, standin: StandIn) -> None:
     engine, _ = loaded_engine(model_folder(tmp_path))
     chunks = generate(engine, [5], max_tokens=14, ban_eos_token=True)
     assert standin.details("ExLlamaV2DynamicJob")["stop_conditions"] == []
+    bias = standin.jobs[0].gen_settings.token_bias
+    assert bias.shape == (128256,) and torch.isinf(bias).nonzero().flatten().tolist() == LLAMA31_EOS
+    assert "".join(c.text for c in chunks) == "Hello world..."  # the model wanted to end after "world"
     assert chunks[-1].finish_reason == "length" and chunks[-1].completion_tokens == 14
+    assert not set(standin.jobs[0].tokens) & set(LLAMA31_EOS)
+
+
+def test_a_ban_leaves_out_eos_ids_past_the_vocabulary(tmp_path: Path, standin: StandIn) -> None:
+    engine, _ = loaded_engine(model_folder(tmp_path, vocab_size=128004))
+    generate(engine, [5], max_tokens=3, ban_eos_token=True)
+    bias = standin.jobs[0].gen_settings.token_bias
+    assert torch.isinf(bias).nonzero().flatten().tolist() == [128001]
+
+
+def test_without_a_ban_the_sampler_is_left_unbiased(tmp_path: Path, standin: StandIn) -> None:
+    engine, _ = loaded_engine(model_folder(tmp_path))
+    generate(engine, [5], max_tokens=3)
+    assert standin.jobs[0].gen_settings.token_bias is None
+
+
+def test_a_stop_string_that_is_a_special_token_ends_the_answer(tmp_path: Path, standin: StandIn) -> None:
+    # A Llama 3 model whose settings name only <|end_of_text|>: its chat turns end with <|eot_id|>.
+    folder = model_folder(tmp_path, eos_token_id=128001)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 128001}))
+    engine, _ = loaded_engine(folder)
+    chunks = generate(engine, [5], stop=["<|eot_id|>"])
+    assert standin.details("ExLlamaV2DynamicJob")["decode_special_tokens"] is True
+    assert "".join(c.text for c in chunks) == "Hello world"
+    assert (chunks[-1].finish_reason, chunks[-1].stop_str) == ("stop", "<|eot_id|>")
 
 
 def test_every_sampler_setting_comes_from_the_request(tmp_path: Path, standin: StandIn) -> None:

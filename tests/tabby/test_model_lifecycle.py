@@ -72,6 +72,32 @@ def test_a_model_name_that_is_a_path_is_refused(server: TabbyServer, name: str) 
     assert "folder" in response.json()["detail"] or "Could not find" in response.json()["detail"]
 
 
+def test_a_load_asking_for_a_draft_model_is_refused_before_anything_changes(server: TabbyServer) -> None:
+    ensure_loaded(server, TINY)
+    with server.client(admin=True) as client:
+        response = client.post("/v1/model/load", json={"model_name": SMALL, "draft_model": {"draft_model_name": TINY}})
+        card = client.get("/v1/model").json()
+    assert response.status_code == 400
+    assert response.json() == {
+        "detail": "This server does not run draft models (speculative decoding); load without draft_model."
+    }
+    assert card["id"] == TINY
+    # Without a draft model name TabbyAPI loads no draft either; the load goes ahead.
+    assert load_events(server, TINY, draft_model={})[-1]["status"] == "finished"
+
+
+def test_the_servers_model_settings_apply_to_every_load_unless_the_request_says_otherwise(
+    demo_models: Path, tmp_path: Path
+) -> None:
+    config = {"model": {"max_seq_len": 512}, "developer": {"cpu_threads": 1}}
+    with run_tabby(tmp_path, demo_models, config=config) as server, server.client(admin=True) as client:
+        assert load_events(server, TINY)[-1]["status"] == "finished"
+        assert client.get("/v1/model").json()["parameters"]["max_seq_len"] == 512
+        client.post("/v1/model/unload")
+        assert load_events(server, TINY, max_seq_len=1024)[-1]["status"] == "finished"
+        assert client.get("/v1/model").json()["parameters"]["max_seq_len"] == 1024
+
+
 def test_a_broken_config_fails_the_load_and_the_loaded_model_keeps_answering(server: TabbyServer, demo_models: Path) -> None:
     ensure_loaded(server, TINY)
     broken = demo_models.parent / "var" / "broken-models"

@@ -1,0 +1,148 @@
+"""Reading weights straight into the tensors' memory, and the torch engine's load built on it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tabby.engines import torch_engine
+from tabby.engines.base import LoadOptions, ModelFolderError
+from tabby.engines.torch_engine import TorchEngine, module_groups
+from tabby.engines.weights import TensorEntry, WeightReader, index_tensors
+from tests.tabby.conftest import SMALL, TINY
+
+
+@pytest.fixture
+def tiny_dir(demo_models: Path) -> Path:
+    return demo_models / TINY
+
+
+def read_all(folder: Path, threads: int = 2, throttle_mbps: float = 0.0) -> dict[str, torch.Tensor]:
+    entries = index_tensors(folder)
+    reader = WeightReader(throttle_mbps, threads=threads)
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        for _, names in module_groups(list(entries)):
+            tensors.update(reader.read_module({name: entries[name] for name in names}))
+        return tensors
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_tensors_read_equal_the_files_tensors(tiny_dir: Path, threads: int) -> None:
+    expected = load_file(tiny_dir / "model.safetensors")
+    got = read_all(tiny_dir, threads)
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, name
+        assert torch.equal(got[name], tensor), name
+
+
+def test_every_dtype_and_shape_is_read_as_written_across_files(tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(3)
+    first = {
+        "a.half": torch.randn(7, 13, generator=generator).half(),
+        "a.bf16": torch.randn(33, generator=generator).bfloat16(),
+        "a.ids": torch.arange(-5, 1000, dtype=torch.int64),
+        "a.mask": torch.rand(9, 3, generator=generator) > 0.5,
+        "a.empty": torch.empty(0, 4),
+    }
+    # Larger than a read piece, so one tensor is read in several pieces (by several threads).
+    second = {"b.big": torch.randn(3, 1 << 20, generator=generator), "b.bytes": torch.randint(0, 255, (4099,), dtype=torch.uint8)}
+    save_file(first, tmp_path / "model-00001-of-00002.safetensors")
+    save_file(second, tmp_path / "model-00002-of-00002.safetensors")
+    entries = index_tensors(tmp_path)
+    reader = WeightReader(threads=2)
+    got = {**reader.read_module({n: entries[n] for n in first}), **reader.read_module({n: entries[n] for n in second})}
+    reader.close()
+    for name, tensor in {**first, **second}.items():
+        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, name
+        assert torch.equal(got[name], tensor), name
+        assert got[name].data_ptr() % 64 == 0 or tensor.numel() == 0, name  # aligned like torch's own tensors
+
+
+def test_a_truncated_weight_file_is_refused_with_a_sentence(tiny_dir: Path, tmp_path: Path) -> None:
+    data = (tiny_dir / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(ModelFolderError, match="model.safetensors is truncated"):
+        index_tensors(tmp_path)
+
+
+def test_a_file_cut_during_the_load_fails_the_load_with_a_sentence(tiny_dir: Path, tmp_path: Path) -> None:
+    target = tmp_path / "model.safetensors"
+    data = (tiny_dir / "model.safetensors").read_bytes()
+    target.write_bytes(data)
+    entries = index_tensors(tmp_path)
+    with target.open("r+b") as f:  # replaced by a shorter file after the headers were read
+        f.truncate(len(data) // 2)
+    reader = WeightReader()
+    with pytest.raises(ModelFolderError, match="ended early"):
+        for _, names in module_groups(list(entries)):
+            reader.read_module({name: entries[name] for name in names})
+    reader.close()
+
+
+def test_the_throttle_holds_the_read_to_the_disk_speed_asked_for(tiny_dir: Path) -> None:
+    size = sum(e.nbytes for e in index_tensors(tiny_dir).values())
+    started = time.monotonic()
+    read_all(tiny_dir, throttle_mbps=20)
+    assert time.monotonic() - started >= size / 20e6 * 0.95
+
+
+def test_dropping_the_tensors_gives_their_memory_back(demo_models: Path) -> None:
+    process = psutil.Process()
+    folder = demo_models / SMALL
+    before = process.memory_info().rss
+    tensors = read_all(folder)
+    loaded = process.memory_info().rss
+    del tensors
+    after = process.memory_info().rss
+    assert loaded - before > 150_000_000  # really read, not mapped for later
+    assert after - before < 20_000_000
+
+
+def test_the_engine_loads_the_files_weights_one_module_per_step(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[list[str]] = []
+
+    class RecordingReader(WeightReader):
+        def read_module(self, entries: Mapping[str, TensorEntry]) -> dict[str, torch.Tensor]:
+            reads.append(list(entries))
+            return super().read_module(entries)
+
+    monkeypatch.setattr(torch_engine, "WeightReader", RecordingReader)
+    engine = TorchEngine(tiny_dir, LoadOptions())
+    steps = []
+    for k, n in engine.load_gen():
+        assert len(reads) == k  # step k comes after module k is read, and before module k+1 is
+        steps.append((k, n))
+    assert steps == [(k, len(reads)) for k in range(1, len(reads) + 1)]
+    assert len(reads) == 1 + 2 * engine.hf_config.num_hidden_layers + 2
+    expected = load_file(tiny_dir / "model.safetensors")
+    assert sorted(name for names in reads for name in names) == sorted(expected)  # each tensor read once
+    state = engine.model.state_dict()
+    for name, tensor in expected.items():
+        assert torch.equal(state[name], tensor), name
+    engine.unload()
+
+
+def test_a_model_in_half_precision_loads_in_float32_with_the_files_values(tiny_dir: Path, tmp_path: Path) -> None:
+    for file in tiny_dir.iterdir():
+        if file.suffix != ".safetensors":
+            (tmp_path / file.name).write_bytes(file.read_bytes())
+    weights = load_file(tiny_dir / "model.safetensors")
+    save_file({name: t.bfloat16() for name, t in weights.items()}, tmp_path / "model.safetensors")
+    engine = TorchEngine(tmp_path, LoadOptions())
+    for _ in engine.load_gen():
+        pass
+    state = engine.model.state_dict()
+    for name, tensor in weights.items():
+        assert state[name].dtype == torch.float32
+        assert torch.equal(state[name], tensor.bfloat16().to(torch.float32)), name
+    engine.unload()
