@@ -7,13 +7,18 @@ from typing import Any
 from django.dispatch import receiver
 
 from chat.models import Message
-from chat.queue import requeue_orphans, schedule_positions, wake
-from models_admin.signals import count_running_answers, model_ready, model_unavailable
+from chat.queue import requeue_orphans, schedule_positions, waiting, wake
+from models_admin.signals import count_running_answers, count_waiting, model_ready, model_unavailable
 
 
 @receiver(count_running_answers)
 def running_answers(sender: Any, **kwargs: Any) -> int:
     return Message.objects.answering().count()
+
+
+@receiver(count_waiting)
+def waiting_messages(sender: Any, **kwargs: Any) -> int:
+    return 1 if waiting().exists() else 0  # whether any waits is all the watcher asks
 
 
 @receiver(model_ready)

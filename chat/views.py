@@ -11,7 +11,7 @@ from django.views.decorators.http import require_POST
 
 from chat.accounts import LoginRefused, log_in
 from chat.models import Conversation
-from models_admin.services import backend_event
+from models_admin.services import backend_event, check_if_stale, default_backend
 
 
 def login_page(request: HttpRequest) -> HttpResponse:
@@ -40,8 +40,10 @@ def logout_page(request: HttpRequest) -> HttpResponse:
 def chat_page(request: HttpRequest, conversation_id: int | None = None) -> HttpResponse:
     conversations = Conversation.objects.owned_by(request.user)
     current = get_object_or_404(conversations, pk=conversation_id) if conversation_id is not None else None
+    backend = default_backend()
+    check_if_stale(backend)  # the banner follows from the page's socket
     return render(
         request,
         "chat/chat.html",
-        {"conversations": conversations, "current": current, "model": backend_event()},
+        {"conversations": conversations, "current": current, "model": backend_event(backend)},
     )
