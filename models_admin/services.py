@@ -108,30 +108,33 @@ def sync_models(strict: bool = False) -> Backend:
     seen = backend.updated
     try:
         with admin_client(quick=True) as client:
-            card = client.current_model()
-            names = [listed["id"] for listed in client.list_models()]
-            no_rights = _admin_rights_missing(client)
+            # Asked with the key answers use: what chat can be served, whatever becomes of the admin key.
+            card = client.current_model(key="api")
+            names, admin_key_refused = _folders(client)
     except BackendError as exc:
         backend = record_trouble(exc)
         if strict:
             raise
         return backend
-    # An API key given as the admin key lists only the loaded model: that list is not the server's.
-    changed = _record_models(backend, names) if no_rights is None else False
-    backend = _record_state(backend, seen, card["id"] if card else "", no_rights)
+    changed = _record_models(backend, names) if admin_key_refused is None else False
+    backend = _record_state(backend, seen, card["id"] if card else "", admin_key_refused)
     if changed:
         broadcast(MODELS_GROUP, ModelListEvent(type="model.list", models=model_rows(backend)))
-    if no_rights is not None and strict:
-        raise no_rights
+    if admin_key_refused is not None and strict:
+        raise admin_key_refused
     return backend
 
 
-def _admin_rights_missing(client: TabbyClient) -> BackendAuthError | None:
-    """The error to report when the admin key is one of TabbyAPI's API keys: TabbyAPI then lists only the
-    loaded model (every other looks unknown) and refuses loads and unloads."""
-    if client.admin_key_permission() != "api":
-        return None
-    return BackendAuthError(
+def _folders(client: TabbyClient) -> tuple[list[str], BackendAuthError | None]:
+    """The model folders as the admin key sees them; or, when TabbyAPI refuses that key or it is only one
+    of its API keys (which see only the loaded model, so every other would look unknown), the error."""
+    try:
+        names = [card["id"] for card in client.list_models()]
+        if client.admin_key_permission() != "api":
+            return names, None
+    except BackendAuthError as exc:
+        return [], exc
+    return [], BackendAuthError(
         sentence(
             "The admin key Gantry uses is one of TabbyAPI's API keys, without admin rights (TabbyAPI shows it only "
             f"the loaded model and refuses its loads and unloads); {client.config.admin_key_fix}"
@@ -141,15 +144,16 @@ def _admin_rights_missing(client: TabbyClient) -> BackendAuthError | None:
     )
 
 
-def _record_state(backend: Backend, seen: datetime, loaded: str, no_rights: BackendAuthError | None = None) -> Backend:
-    """Record what TabbyAPI has loaded (it answered), announce what changed, and move held messages."""
+def _record_state(backend: Backend, seen: datetime, loaded: str, key_refused: BackendAuthError | None = None) -> Backend:
+    """Record what TabbyAPI has loaded (it answered) and whether it refused the admin key; announce what
+    changed, and move held messages."""
     now = timezone.now()
     with transaction.atomic():
         backend = Backend.objects.select_for_update().get(pk=backend.pk)
         before = backend.as_event()
         came_back = backend.state in (Backend.State.UNREACHABLE, Backend.State.FAILED) or bool(backend.trouble)
-        backend.trouble = Backend.Trouble.KEY if no_rights else Backend.Trouble.NONE
-        backend.trouble_text = no_rights.message if no_rights else ""
+        backend.trouble = Backend.Trouble.KEY if key_refused else Backend.Trouble.NONE
+        backend.trouble_text = key_refused.message if key_refused else ""
         backend.refreshed_at = backend.checked_at = now
         fields = ["trouble", "trouble_text", "refreshed_at", "checked_at", "updated"]
         # A running operation owns the state until it ends; one that began or ended while TabbyAPI was
@@ -208,7 +212,7 @@ def check_backend() -> Backend:
     backend = default_backend()
     try:
         with admin_client(quick=True) as client:
-            card = client.current_model()
+            card = client.current_model(key="api")
     except BackendError as exc:
         return record_trouble(exc)
     loaded = card["id"] if card else ""

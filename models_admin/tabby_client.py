@@ -72,6 +72,7 @@ class Call:
 
 LIST_MODELS = Call("GET", "/v1/models", "admin", "list the models")
 CURRENT_MODEL = Call("GET", "/v1/model", "admin", "say which model is loaded")
+SERVED_MODEL = Call("GET", "/v1/model", "api", "say which model is loaded")
 UNLOAD = Call("POST", "/v1/model/unload", "admin", "unload the model")
 PERMISSION = Call("GET", "/v1/auth/permission", "admin", "say what the admin key may do")
 
@@ -244,9 +245,12 @@ class TabbyClient:
         """Every model folder on the server (the admin key sees them all)."""
         return cards_from(LIST_MODELS, self._json(LIST_MODELS))
 
-    def current_model(self) -> ModelCard | None:
+    def current_model(self, key: KeyKind = "admin") -> ModelCard | None:
+        """The loaded model's card, None when nothing is loaded; asked with the admin key, or with the API
+        key (`key="api"`: what answers, which use that key, will be served)."""
+        call = CURRENT_MODEL if key == "admin" else SERVED_MODEL
         try:
-            return card_from(CURRENT_MODEL, self._json(CURRENT_MODEL))
+            return card_from(call, self._json(call))
         except NoModelLoaded:
             return None
 
