@@ -22,6 +22,7 @@ from django.db import transaction
 from django.db.models import OuterRef, Q, Subquery
 from django.utils import timezone
 
+from gantry.background import in_thread
 from gantry.broadcast import CHAT_GROUP, MODELS_GROUP, ModelListEvent, ModelStateEvent, broadcast
 from models_admin.models import Backend, LanguageModel, Operation
 from models_admin.signals import model_ready, model_unavailable
@@ -238,7 +239,7 @@ def check_if_stale(backend: Backend) -> None:
     """A page is about to show the model's state: have it checked within a second when nobody did for a
     few seconds, so a newcomer sees TabbyAPI's truth at once rather than at the next refresh."""
     if backend.checked_at is None or backend.checked_at < timezone.now() - timedelta(seconds=PAGE_CHECK_AFTER):
-        request_check()
+        in_thread(request_check)  # a write: the page does not wait for the database's lock
 
 
 def note_nothing_loaded() -> None:

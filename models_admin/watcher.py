@@ -22,7 +22,6 @@ from django.db.models import Q
 from django.utils import timezone
 
 from models_admin.models import Backend
-from models_admin.runner import reconcile_stale_operations
 from models_admin.services import WATCH_EVERY, check_backend, default_backend, end_abandoned_load
 from models_admin.signals import waiting_messages
 
@@ -33,9 +32,7 @@ def watch_round() -> float:
     """One look at the database, and a check of TabbyAPI when one is needed; returns the seconds to wait."""
     backend = default_backend()
     if backend.is_busy:
-        # The running operation reports the state; a dead one is noticed here within a second.
-        reconcile_stale_operations()
-        return WATCH_EVERY
+        return WATCH_EVERY  # the running operation reports the state (a dead one is reconciled by the refresh)
     if backend.abandoned_load and _nobody_follows(backend):
         log.warning("No process follows TabbyAPI's load of %s any more; taking the state from TabbyAPI", backend.abandoned_load)
         end_abandoned_load(backend.abandoned_load)
