@@ -27,7 +27,7 @@ from models_admin.models import Backend, Operation
 from models_admin.services import admin_client, announce_state, end_abandoned_load, sync_models
 from models_admin.signals import model_ready, running_answers
 from models_admin.tabby_client import TabbyClient
-from models_admin.tabby_errors import BackendError, BackendUnavailable, NoModelLoaded
+from models_admin.tabby_errors import BackendAuthError, BackendError, BackendUnavailable, NoModelLoaded
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -254,7 +254,11 @@ def _succeed(reporter: Reporter) -> None:
 def _fail(reporter: Reporter, exc: Exception, client: TabbyClient) -> None:
     op = reporter.operation
     op.error = getattr(exc, "message", None) or str(exc)
-    op.error_kind = "stalled" if isinstance(exc, Stalled) else "unreachable" if isinstance(exc, BackendUnavailable) else "failed"
+    op.error_kind = (
+        "stalled"
+        if isinstance(exc, Stalled)
+        else "unreachable" if isinstance(exc, BackendUnavailable) else "key" if isinstance(exc, BackendAuthError) else "failed"
+    )
     op.save(update_fields=["error", "error_kind"])
     log.warning("%s failed: %s", op, op.error)
     reporter.report("failed", op.percent, f"✗ {op.error}")
@@ -314,6 +318,10 @@ def _finish(op: Operation, status: str, active: str, abandoned: str = "") -> Non
     still loads after the operation stopped waiting for it."""
     now = timezone.now()
     unreachable = status == Operation.Status.FAILED and op.error_kind == "unreachable" and not active
+    # TabbyAPI's refusal of Gantry's key or its absence is the trouble the Models tab shows, as a check's.
+    trouble = {"unreachable": Backend.Trouble.UNREACHABLE, "key": Backend.Trouble.KEY}.get(op.error_kind, Backend.Trouble.NONE)
+    if trouble == Backend.Trouble.UNREACHABLE and active:
+        trouble = Backend.Trouble.NONE  # the rollback reached it
     with transaction.atomic():
         backend = Backend.objects.select_for_update().get(pk=op.backend_id)
         op.status, op.finished = status, now
@@ -322,8 +330,8 @@ def _finish(op: Operation, status: str, active: str, abandoned: str = "") -> Non
         backend.target_model = ""
         backend.operation = None
         backend.state = Backend.State.READY if active else Backend.State.UNREACHABLE if unreachable else Backend.State.UNLOADED
-        backend.trouble = Backend.Trouble.UNREACHABLE if unreachable else Backend.Trouble.NONE
-        backend.trouble_text = op.error if unreachable else ""
+        backend.trouble = trouble if status == Operation.Status.FAILED else Backend.Trouble.NONE
+        backend.trouble_text = op.error if backend.trouble else ""
         backend.abandoned_load = abandoned
         backend.abandoned_since = backend.abandoned_beat = now if abandoned else None
         backend.checked_at = now
