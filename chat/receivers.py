@@ -1,13 +1,15 @@
-"""What chat does when the Models app announces something (it never imports chat)."""
+"""What chat does when the Models app announces something (it never imports chat), and on failed logins."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from django.contrib.auth.signals import user_login_failed
 from django.dispatch import receiver
 
 from chat.models import Message
 from chat.queue import requeue_orphans, schedule_positions, waiting, wake
+from gantry.metrics import LOGIN_FAILURES
 from models_admin.signals import count_running_answers, count_waiting, model_ready, model_unavailable
 
 
@@ -31,3 +33,9 @@ def release_held_messages(sender: Any, **kwargs: Any) -> None:
 @receiver(model_unavailable)
 def announce_queue(sender: Any, **kwargs: Any) -> None:
     schedule_positions()
+
+
+@receiver(user_login_failed)
+def count_login_failure(sender: Any, **kwargs: Any) -> None:
+    """Every wrong username or password, wherever it was typed (the API, the login page, Django's admin)."""
+    LOGIN_FAILURES.inc()

@@ -24,13 +24,3 @@ class MessageSerializer(serializers.Serializer):
     reply_to = serializers.IntegerField(source="reply_to_id", read_only=True, allow_null=True)
     model_name = serializers.CharField(read_only=True)
     created = serializers.DateTimeField(read_only=True)
-
-
-class NewMessageSerializer(serializers.Serializer):
-    # The length limit is checked by the service, with a sentence naming it.
-    content = serializers.CharField(trim_whitespace=False, allow_blank=True)
-
-
-class LoginSerializer(serializers.Serializer):
-    username = serializers.CharField()
-    password = serializers.CharField(trim_whitespace=False)

@@ -12,12 +12,14 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.utils import timezone
 
 from chat.generation import Answer, Claimed, EarlyRequest, answer_row, cancel_here, generate, history
 from chat.models import Conversation, Message
-from chat.queue import admit, position, release_here, schedule_positions, wake
+from chat.queue import admit, check_room, position, release_here, schedule_positions, wake
 from gantry.background import spawn
 from gantry.broadcast import ConversationEvent, MessageEvent, QueuedEvent, broadcast, conversation_group, user_group
+from gantry.parsers import is_storable
 from models_admin.models import Backend
 from models_admin.services import default_backend
 
@@ -26,21 +28,50 @@ def _send_message(message: Message) -> None:
     broadcast(conversation_group(message.conversation_id), MessageEvent(type="chat.message", message=message.as_event()))
 
 
+# What people type: the same rules whichever way it came (the API, the page's socket)
+
+UNSTORABLE = (
+    "This text has a character that cannot be stored (a NUL character or half of a surrogate pair). "
+    "Remove it and send again."
+)
+TITLE_LIMIT = Conversation._meta.get_field("title").max_length or 200
+
+
+def _check_storable(text: str) -> None:
+    if not is_storable(text):
+        raise ValidationError(UNSTORABLE)
+
+
+def _title(title: object, default: str | None) -> str:
+    """A title as typed, trimmed; blank gives `default` (None: refused)."""
+    if not isinstance(title, str):
+        raise ValidationError("A conversation's title must be text.")
+    _check_storable(title)
+    title = title.strip()
+    if not title:
+        if default is None:
+            raise ValidationError("A conversation needs a title.")
+        return default
+    if len(title) > TITLE_LIMIT:
+        raise ValidationError(f"This title has {len(title):,} characters; the limit is {TITLE_LIMIT}. Shorten it and try again.")
+    return title
+
+
 # Conversations
 
 
-def create_conversation(user: Any, title: str = "") -> Conversation:
-    conversation = Conversation.objects.create(owner=user, title=title.strip()[:200] or "New conversation")
+def create_conversation(user: Any, title: object = "") -> Conversation:
+    conversation = Conversation.objects.create(owner=user, title=_title(title, default="New conversation"))
     broadcast(user_group(user.pk), ConversationEvent(type="chat.conversation", conversation=conversation.as_event(), deleted=False))
     return conversation
 
 
-def rename_conversation(conversation: Conversation, title: str) -> Conversation:
-    title = title.strip()[:200]
-    if not title:
-        raise ValidationError("A conversation needs a title.")
-    conversation.title = title
-    conversation.save(update_fields=["title", "updated"])
+def rename_conversation(conversation: Conversation, title: object) -> Conversation:
+    conversation.title = _title(title, default=None)
+    conversation.updated = timezone.now()
+    # An UPDATE by id: a conversation deleted meanwhile (another tab) is a sentence, not an error.
+    if not Conversation.objects.filter(pk=conversation.pk).update(title=conversation.title, updated=conversation.updated):
+        raise ValidationError("This conversation was deleted.")
     event = ConversationEvent(type="chat.conversation", conversation=conversation.as_event(), deleted=False)
     broadcast(user_group(conversation.owner_id), event)
     return conversation
@@ -58,10 +89,10 @@ def delete_conversation(conversation: Conversation) -> None:
 # Messages
 
 
-def post_message(conversation_id: int, content: str) -> Message:
+def post_message(conversation_id: int, content: object) -> Message:
     """Save the user's message in their conversation (its owner was checked by the caller) and start its
     answer."""
-    _check_length(content)
+    content = _checked_content(content)
     # With no transaction of a caller's open, the answer's request goes to TabbyAPI while the message is
     # saved: the commit, not the caller, decides whether it stands.
     early = EarlyRequest() if not transaction.get_connection().in_atomic_block else None
@@ -90,12 +121,14 @@ def post_message(conversation_id: int, content: str) -> Message:
     return message
 
 
-def _check_length(content: str) -> None:
-    if not content.strip():
+def _checked_content(content: object) -> str:
+    if not isinstance(content, str) or not content.strip():
         raise ValidationError("Type a message before sending.")
     limit = settings.GANTRY_MAX_MESSAGE_CHARS
     if len(content) > limit:
         raise ValidationError(f"This message has {len(content):,} characters; the limit is {limit:,}. Shorten it and send again.")
+    _check_storable(content)
+    return content
 
 
 def _save_question(
@@ -163,9 +196,15 @@ def retry_message(message: Message) -> Message:
     """Send a failed or stopped message again."""
     if message.role != Message.Role.USER:
         raise ValidationError("Only your own messages can be sent again.")
-    updated = Message.objects.filter(pk=message.pk, status__in=[Message.Status.FAILED, Message.Status.CANCELLED]).update(
-        status=Message.Status.QUEUED, error=""
-    )
+    with transaction.atomic():
+        # Under the backend's row lock, as a new message: a message sent again waits in the same queue,
+        # within the same limits.
+        default_backend(locked=True)
+        retryable = Message.objects.filter(pk=message.pk, status__in=[Message.Status.FAILED, Message.Status.CANCELLED])
+        if retryable.exists():
+            check_room(message.conversation_id)
+        # `updated` marks when it was queued (its hold time counts from there).
+        updated = retryable.update(status=Message.Status.QUEUED, error="", updated=timezone.now())
     if not updated:
         message.refresh_from_db()
         if message.status == Message.Status.DONE:

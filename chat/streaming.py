@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from chat.models import Message
 from gantry.broadcast import TokenEvent, abroadcast, conversation_group
+from gantry.metrics import FIRST_TOKEN_SECONDS, TOKENS_PER_SECOND
 from models_admin.services import answer_client
 from models_admin.tabby_errors import BackendBadResponse, BackendError
 from models_admin.tabby_sse import ChatDelta
@@ -23,6 +24,34 @@ SAVE_EVERY = 1.0  # seconds between saves of a growing answer (and checks for a 
 
 class Stopped(Exception):
     """The question was stopped from another process."""
+
+
+class Pace:
+    """An answer's first token and decoding speed, observed once each per answer (never per token).
+
+    The clock starts as the answer's request goes to TabbyAPI (the time a held message waited before is
+    gantry_hold_seconds); the speed counts the tokens after the first (TabbyAPI's count when it sends
+    one, else the pieces) over the time from the first piece to the last, for answers that ended by
+    themselves.
+    """
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.first = self.last = 0.0
+        self.pieces = 0
+        self.tokens = 0
+
+    def piece(self, model: str) -> None:
+        self.last = time.monotonic()
+        if not self.pieces:
+            self.first = self.last
+            FIRST_TOKEN_SECONDS.labels(model or "unknown").observe(self.first - self.started)
+        self.pieces += 1
+
+    def ended(self, model: str) -> None:
+        tokens = self.tokens or self.pieces
+        if tokens > 1 and self.last > self.first:
+            TOKENS_PER_SECOND.labels(model or "unknown").observe((tokens - 1) / (self.last - self.first))
 
 
 def too_long(exc: BackendError) -> bool:
@@ -51,7 +80,11 @@ async def opened(history: list[dict[str, str]], taken: threading.Event | None = 
 
 
 async def relay(
-    stream: AsyncGenerator[ChatDelta, None], reply: Message, pieces: list[str], announced: Callable[[], Awaitable[None]]
+    stream: AsyncGenerator[ChatDelta, None],
+    reply: Message,
+    pieces: list[str],
+    announced: Callable[[], Awaitable[None]],
+    pace: Pace,
 ) -> str:
     """The answer's pieces to its pages as they come (after `announced()`), saved now and then; returns
     the model's name. Raises Stopped when the question was stopped elsewhere."""
@@ -60,9 +93,12 @@ async def relay(
     model = ""
     async for delta in stream:
         model = delta.model or model
+        if delta.usage:
+            pace.tokens = int(delta.usage.get("completion_tokens") or 0)
         # A byte-level vocabulary has a NUL token, and PostgreSQL text cannot hold NUL: the save would fail.
         text = delta.text.replace("\x00", "")
         if text:
+            pace.piece(model)
             pieces.append(text)
             await announced()  # the answer's message before its first token
             await abroadcast(group, TokenEvent(type="chat.token", message_id=reply.pk, text=text))
@@ -70,6 +106,7 @@ async def relay(
             last_save = time.monotonic()
             if not await _save_partial(reply, "".join(pieces)):
                 raise Stopped
+    pace.ended(model)
     return model
 
 

@@ -9,8 +9,10 @@ from django.shortcuts import get_object_or_404, render
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
-from chat.accounts import LoginRefused, log_in
+from chat.accounts import MAX_USERNAME, LoginRefused, log_in
 from chat.models import Conversation
+from gantry import origins
+from gantry.parsers import is_storable
 from models_admin.services import backend_event, check_if_stale, default_backend
 
 
@@ -22,12 +24,16 @@ def login_page(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
         username = request.POST.get("username", "")
         try:
+            if not origins.from_this_site(request):
+                raise LoginRefused(origins.CROSS_SITE, 403)
             log_in(request, username, request.POST.get("password", ""))
         except LoginRefused as exc:
             error, status = exc.message, exc.status
         else:
             return HttpResponseRedirect(next_url)
-    return render(request, "registration/login.html", {"error": error, "next": next_url, "username": username}, status=status)
+    # The form shows the name typed again, unless no account could have it.
+    shown = username if len(username) <= MAX_USERNAME and is_storable(username) else ""
+    return render(request, "registration/login.html", {"error": error, "next": next_url, "username": shown}, status=status)
 
 
 @require_POST

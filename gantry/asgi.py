@@ -1,4 +1,8 @@
-"""ASGI entry point: Django for HTTP, Channels for WebSockets (authenticated, same-origin only)."""
+"""ASGI entry point: Django for HTTP, Channels for WebSockets (authenticated, same-origin only).
+
+Behind a proxy whose headers are trusted (TRUST_PROXY_HEADERS), every connection's scheme and client
+address are first taken from them (gantry/proxy.py), for HTTP and sockets alike.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,6 @@ django.setup(set_prefix=False)  # before anything that imports models
 
 from channels.auth import AuthMiddlewareStack
 from channels.routing import ProtocolTypeRouter, URLRouter
-from channels.security.websocket import AllowedHostsOriginValidator
 from django.conf import settings
 from django.core.handlers.asgi import ASGIHandler
 from django.core.handlers.wsgi import WSGIHandler
@@ -22,6 +25,8 @@ import chat.routing
 import models_admin.routing
 from chat.queue import wake
 from gantry.background import bind_serving_loop, every, in_thread, repeat
+from gantry.origins import SameSiteSockets
+from gantry.proxy import as_the_proxy_saw_it
 from gantry.serving import ThreadedWSGI, is_async_view
 from models_admin.services import request_check
 from models_admin.tabby_client import tls_context
@@ -44,7 +49,8 @@ async def http(scope: dict[str, Any], receive: Any, send: Any) -> None:
 router = ProtocolTypeRouter(
     {
         "http": http,
-        "websocket": AllowedHostsOriginValidator(
+        # Django's CSRF origin rules (scheme, host and port; CSRF_TRUSTED_ORIGINS), as for HTTP writes.
+        "websocket": SameSiteSockets(
             AuthMiddlewareStack(URLRouter(chat.routing.websocket_urlpatterns + models_admin.routing.websocket_urlpatterns))
         ),
     }
@@ -77,4 +83,6 @@ async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if not _started:
         _started = True
         start_background_work()
+    if settings.TRUST_PROXY_HEADERS:
+        scope = as_the_proxy_saw_it(scope)
     await router(scope, receive, send)

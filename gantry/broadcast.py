@@ -1,7 +1,8 @@
 """Every server-to-browser message: one TypedDict per event type, sent through the channel layer.
 
-Groups: `conversation-<id>` (the pages of one conversation), `user-<id>` (every page of a user),
-`chat` (every chat page: the model banner), `models` (every Admin Dashboard page).
+Groups: `conversation-<id>` (the pages of one conversation), `user-<id>` (every chat page of a user),
+`sockets-<id>` (every socket of a user, chat and Admin Dashboard: told when a session ends), `chat`
+(every chat page: the model banner), `models` (every Admin Dashboard page).
 The browser switches on `type`; Channels turns the dotted type into a consumer method name.
 """
 
@@ -118,6 +119,14 @@ class ModelListEvent(TypedDict):
     models: list[dict[str, Any]]
 
 
+class SessionEndedEvent(TypedDict):
+    """To a user's sockets, not forwarded to pages: a session ended (`session_key`; None: every session of
+    the user, after a password change, a deactivation or a deletion). Those sockets close."""
+
+    type: Literal["session.ended"]
+    session_key: str | None
+
+
 Event = (
     MessageEvent
     | QueuedEvent
@@ -128,6 +137,7 @@ Event = (
     | ModelStateEvent
     | ModelProgressEvent
     | ModelListEvent
+    | SessionEndedEvent
 )
 
 CHAT_GROUP = "chat"
@@ -140,6 +150,10 @@ def conversation_group(conversation_id: int) -> str:
 
 def user_group(user_id: int) -> str:
     return f"user-{user_id}"
+
+
+def sockets_group(user_id: int) -> str:
+    return f"sockets-{user_id}"
 
 
 async def abroadcast(group: str, event: Event) -> None:

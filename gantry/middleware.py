@@ -21,6 +21,8 @@ from django.http import HttpRequest, HttpResponse
 from django.middleware import clickjacking, common, csrf, security
 from whitenoise.middleware import WhiteNoiseMiddleware
 
+from gantry.probes import early_response
+
 
 class OnTheLoop:
     """For a MiddlewareMixin whose hooks never block: in async mode, call them without a thread hop."""
@@ -33,6 +35,27 @@ class OnTheLoop:
         if hasattr(self, "process_response"):
             response = self.process_response(request, response)
         return response  # type: ignore[no-any-return]
+
+
+class ProbesMiddleware:
+    """First in the stack: health probes, and Prometheus with its token, are answered before the host
+    check and the HTTPS redirect (they address a process by container name or IP, over plain HTTP
+    inside the network; see gantry.probes). Those are sync views: async views pass straight through."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Any) -> None:
+        self.get_response = get_response
+        self.async_mode = iscoroutinefunction(get_response)
+        if self.async_mode:
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.async_mode:
+            return self.get_response(request)  # the coroutine, awaited by the caller
+        response = early_response(request)
+        return self.get_response(request) if response is None else response
 
 
 class SecurityMiddleware(OnTheLoop, security.SecurityMiddleware):

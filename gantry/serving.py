@@ -7,6 +7,11 @@ response) runs in one thread of a bounded pool, and the answer is sent from the 
 admin API, whose switch call waits for the switch) go to Django's ASGI handler; both handlers are built
 from the one `settings.MIDDLEWARE`, whose hooks run on the loop for async views (gantry/middleware.py),
 so a waiting call holds no thread.
+
+Views that check passwords (the logins, marked with `checks_passwords`) run in threads of their own,
+GANTRY_LOGIN_THREADS: hashing a password takes most of a second of a core, and logins (a crowd of
+guesses included) must never be queued ahead of pages. Hashing leaves the interpreter free, so a page
+is served meanwhile on the other core.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from collections.abc import Callable
-from functools import lru_cache
+from functools import lru_cache, wraps
 from tempfile import SpooledTemporaryFile
 from typing import IO, Any, TypeVar
 
@@ -37,7 +42,27 @@ def is_async_view(path: str) -> bool:
         return False
 
 
+def checks_passwords(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a view that checks passwords: its requests run in the login threads, not the web threads."""
+
+    @wraps(view)
+    def marked(*args: Any, **kwargs: Any) -> Any:
+        return view(*args, **kwargs)
+
+    marked.checks_passwords = True  # type: ignore[attr-defined]
+    return marked
+
+
+@lru_cache(maxsize=1024)
+def is_password_view(path: str) -> bool:
+    try:
+        return bool(getattr(resolve(path).func, "checks_passwords", False))
+    except Resolver404:
+        return False
+
+
 _web_threads: concurrent.futures.ThreadPoolExecutor | None = None
+_login_threads: concurrent.futures.ThreadPoolExecutor | None = None
 
 
 def web_threads() -> concurrent.futures.ThreadPoolExecutor:
@@ -50,6 +75,14 @@ def web_threads() -> concurrent.futures.ThreadPoolExecutor:
     if _web_threads is None:
         _web_threads = concurrent.futures.ThreadPoolExecutor(settings.GANTRY_WEB_THREADS, thread_name_prefix="gantry-web")
     return _web_threads
+
+
+def login_threads() -> concurrent.futures.ThreadPoolExecutor:
+    """The process's threads for views that check passwords (GANTRY_LOGIN_THREADS)."""
+    global _login_threads
+    if _login_threads is None:
+        _login_threads = concurrent.futures.ThreadPoolExecutor(settings.GANTRY_LOGIN_THREADS, thread_name_prefix="gantry-login")
+    return _login_threads
 
 
 async def in_web_thread(func: Callable[..., T], *args: Any) -> T:
@@ -66,7 +99,8 @@ def _with_connections(func: Callable[..., T], args: tuple[Any, ...]) -> T:
 
 
 class ThreadedWSGI:
-    """An ASGI application running a WSGI application in the web threads, one thread a request."""
+    """An ASGI application running a WSGI application in the web threads (the login threads for views
+    that check passwords), one thread a request."""
 
     def __init__(self, wsgi_application: Any) -> None:
         self.wsgi_application = wsgi_application
@@ -82,7 +116,8 @@ class ThreadedWSGI:
                     break
             body.seek(0)
             loop = asyncio.get_running_loop()
-            start, content = await loop.run_in_executor(web_threads(), self._respond, scope, body)
+            threads = login_threads() if is_password_view(scope["path"]) else web_threads()
+            start, content = await loop.run_in_executor(threads, self._respond, scope, body)
         await send(start)
         await send({"type": "http.response.body", "body": content})
 

@@ -6,32 +6,65 @@ web process. `DATABASE_URL` and `REDIS_URL` switch it to the production stack.
 
 from __future__ import annotations
 
+import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from gantry.env import env_bool, env_float, env_int, env_list, env_str
 
+# The SECRET_KEY that .env.example ships with: a key everyone can read is no secret.
+PLACEHOLDER_SECRET_KEYS = {"change-me-to-a-long-random-string"}
+
+
+def secret_file(path: Path, make: Callable[[], str]) -> str:
+    """The secret kept in `path`, made on first use: readable by this user only from the first byte
+    (written under another name with mode 0600, then linked into place, so a process starting at the
+    same moment reads either no file or the whole secret, never a half-written one)."""
+    if not path.exists():
+        draft = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as file:
+                file.write(make())
+            try:
+                os.link(draft, path)
+            except FileExistsError:
+                pass  # another process made it first: theirs is the key
+        finally:
+            draft.unlink()
+    return path.read_text().strip()
+
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("GANTRY_VAR_DIR", str(BASE_DIR / "var")))
 
 DEBUG = env_bool("DEBUG", False)
 SECRET_KEY = env_str("SECRET_KEY")
+if SECRET_KEY.strip() in PLACEHOLDER_SECRET_KEYS:
+    raise ImproperlyConfigured(
+        "SECRET_KEY is still the placeholder of .env.example. Set it to a long random string, e.g. the output of "
+        "`python -c 'import secrets; print(secrets.token_urlsafe(50))'`."
+    )
 if not SECRET_KEY:
     if env_str("DATABASE_URL"):
         raise ImproperlyConfigured("SECRET_KEY must be set when DATABASE_URL is (production).")
     # Embedded default: one random key kept beside the SQLite database.
     VAR_DIR.mkdir(parents=True, exist_ok=True)
-    key_file = VAR_DIR / "secret_key"
-    if not key_file.exists():
-        key_file.write_text(secrets.token_urlsafe(50))
-        key_file.chmod(0o600)
-    SECRET_KEY = key_file.read_text().strip()
+    SECRET_KEY = secret_file(VAR_DIR / "secret_key", lambda: secrets.token_urlsafe(50))
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost"])
+# Origins whose pages may write and open sockets besides the site's own (Django's CSRF rules, for both).
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+# Behind a reverse proxy: take the scheme from X-Forwarded-Proto and the client's address from
+# X-Forwarded-For (gantry/proxy.py). Never without it: a site no proxy fronts would believe anyone.
+TRUST_PROXY_HEADERS = env_bool("TRUST_PROXY_HEADERS", False)
+if TRUST_PROXY_HEADERS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 INSTALLED_APPS = [
     "daphne",
@@ -50,6 +83,7 @@ INSTALLED_APPS = [
 # One stack for sync and async views: Django's own middleware, whose hooks run on the event loop for
 # async views (gantry/middleware.py).
 MIDDLEWARE = [
+    "gantry.middleware.ProbesMiddleware",
     "gantry.middleware.SecurityMiddleware",
     "gantry.middleware.StaticFilesMiddleware",
     "gantry.middleware.SessionMiddleware",
@@ -102,6 +136,7 @@ REDIS_URL = env_str("REDIS_URL")
 # A page's channel must hold the pieces of a whole answer while a busy process catches up: the layers
 # silently drop what does not fit, and their default capacity (100 messages) is less than one answer.
 CHANNEL_CAPACITY = 5000
+CACHES: dict[str, dict[str, Any]]
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
@@ -109,10 +144,22 @@ if REDIS_URL:
             "CONFIG": {"hosts": [REDIS_URL], "capacity": CHANNEL_CAPACITY},
         }
     }
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL},
+        "logins": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL},
+    }
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "gantry.layers.InMemoryChannelLayer", "CONFIG": {"capacity": CHANNEL_CAPACITY}}}
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+        # The login failure counters apart from sessions, and roomy (each entry is a fixed-size hash and a
+        # number): guesses at many usernames must not push a locked account's count out of the cache.
+        "logins": {
+            "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+            "LOCATION": "logins",
+            "OPTIONS": {"MAX_ENTRIES": 100_000},
+        },
+    }
 
 # Celery: a broker only in production; embedded, background work runs in the web process.
 CELERY_BROKER_URL = REDIS_URL
@@ -122,6 +169,9 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 
+# Every password check, the Django admin's login included, counts failures per account and per address
+# before it hashes (chat/accounts.py).
+AUTHENTICATION_BACKENDS = ["chat.accounts.GuardedModelBackend"]
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
@@ -153,7 +203,7 @@ REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["gantry.parsers.JSONParser"],
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 
@@ -174,9 +224,20 @@ GANTRY_MAX_ANSWER_TOKENS = env_int("GANTRY_MAX_ANSWER_TOKENS", 512, minimum=1)
 GANTRY_MAX_CONCURRENT_GENERATIONS = env_int("GANTRY_MAX_CONCURRENT_GENERATIONS", 8, minimum=1)
 # Threads serving pages and the chat API in each web process (see gantry/serving.py).
 GANTRY_WEB_THREADS = env_int("GANTRY_WEB_THREADS", 2, minimum=1)
+# Threads checking passwords in each web process, apart from the web threads: hashing a password takes a
+# core for a good part of a second, and logins queued behind one another must not hold up pages.
+GANTRY_LOGIN_THREADS = env_int("GANTRY_LOGIN_THREADS", 1, minimum=1)
 GANTRY_MAX_QUEUED = env_int("GANTRY_MAX_QUEUED", 1000, minimum=1)
+# One person's messages waiting for the model: no one account fills the queue for everyone.
+GANTRY_MAX_QUEUED_PER_USER = env_int("GANTRY_MAX_QUEUED_PER_USER", 20, minimum=1)
 GANTRY_LOGIN_MAX_FAILURES = env_int("GANTRY_LOGIN_MAX_FAILURES", 5, minimum=1)
+GANTRY_LOGIN_MAX_FAILURES_PER_ADDRESS = env_int("GANTRY_LOGIN_MAX_FAILURES_PER_ADDRESS", 20, minimum=1)
 GANTRY_LOGIN_LOCKOUT = env_int("GANTRY_LOGIN_LOCKOUT", 300, minimum=1)
+# Sockets (pages) a user may have open at once, counted across every web process.
+GANTRY_MAX_SOCKETS_PER_USER = env_int("GANTRY_MAX_SOCKETS_PER_USER", 20, minimum=1)
+# Seconds between an open socket's checks of its session and renewals of its place in that count; a
+# place not renewed for three of them (its process died) is given back.
+GANTRY_SOCKET_HEARTBEAT = env_float("GANTRY_SOCKET_HEARTBEAT", 30.0, minimum=0.5)
 GANTRY_SWITCH_TIMEOUT = env_float("GANTRY_SWITCH_TIMEOUT", 30.0, minimum=1.0)
 GANTRY_ROLLBACK_ON_FAILURE = env_bool("GANTRY_ROLLBACK_ON_FAILURE", True)
 GANTRY_DRAIN_TIMEOUT = env_float("GANTRY_DRAIN_TIMEOUT", 60.0, minimum=0.0)
@@ -186,6 +247,14 @@ GANTRY_REFRESH_INTERVAL = env_float("GANTRY_REFRESH_INTERVAL", 60.0, minimum=1.0
 CELERY_BEAT_SCHEDULE = {
     "refresh-models": {"task": "models_admin.tasks.refresh_models", "schedule": GANTRY_REFRESH_INTERVAL},
 }
+
+# Operations (README, "Metrics and health"). The token lets Prometheus read /metrics (empty: only admin
+# sessions can); Celery processes serve theirs on GANTRY_METRICS_PORT (0: not at all). With
+# PROMETHEUS_MULTIPROC_DIR (an existing, empty directory), every process on the machine that shares it
+# writes its figures there and any of them serves the sum (prometheus_client reads the variable itself).
+GANTRY_METRICS_TOKEN = env_str("GANTRY_METRICS_TOKEN")
+GANTRY_METRICS_PORT = env_int("GANTRY_METRICS_PORT", 0, minimum=0)
+PROMETHEUS_MULTIPROC_DIR = env_str("PROMETHEUS_MULTIPROC_DIR")
 
 LOGGING = {
     "version": 1,

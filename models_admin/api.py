@@ -8,7 +8,6 @@ with no `Origin` header, need none: gantry/origins.py).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -19,6 +18,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
 from gantry import origins
+from gantry.parsers import loads
 from gantry.serving import in_web_thread
 from models_admin import operations
 from models_admin.models import Backend, Operation
@@ -45,6 +45,10 @@ def _refusal(request: HttpRequest) -> JsonResponse | None:
         return detail("Only admins can manage models.", 403)
     if request.method == "POST" and (refusal := origins.refusal(request)):
         return detail(refusal, 403)
+    if request.method == "POST" and request.body and request.content_type != "application/json":
+        # A body is JSON, said so: a page of another site can send a form or text/plain body without
+        # asking first, but not application/json.
+        return detail("Send the body as JSON, with the header Content-Type: application/json.", 415)
     return None
 
 
@@ -141,8 +145,8 @@ async def _when_over(operation: Operation | None, answer: JsonResponse, failed: 
 
 def _body(request: HttpRequest) -> dict[str, Any] | None:
     try:
-        body = json.loads(request.body or b"null")
-    except (ValueError, UnicodeDecodeError):
+        body = loads(request.body or b"null")
+    except ValueError:
         return None
     return body if isinstance(body, dict) else None
 

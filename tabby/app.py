@@ -29,7 +29,9 @@ def create_app(config: Config, keys: AuthKeys | None) -> FastAPI:
     app = FastAPI(title="TabbyAPI", summary="Gantry's TabbyAPI-compatible model server", lifespan=lifespan)
     app.state.config = config
     app.state.auth = Authenticator(None if config.network.disable_auth else keys)
-    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True, allow_methods=["*"], allow_headers=["*"])
+    # Any page may call the API with a key in a header, but never with the browser's credentials:
+    # TabbyAPI allows credentials too, and then reflects every Origin, so any site could ride on them.
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=False, allow_methods=["*"], allow_headers=["*"])
     # Starlette types a handler as taking any Exception; this one is only ever called with a TabbyError.
     app.add_exception_handler(TabbyError, error_response)  # type: ignore[arg-type]
     app.include_router(router)

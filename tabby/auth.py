@@ -6,6 +6,7 @@ API endpoints read `x-api-key` or `Authorization: Bearer`; admin endpoints read 
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,25 +19,43 @@ from fastapi import HTTPException, Request
 Permission = Literal["admin", "api"]
 
 
+def same_key(given: str, key: str) -> bool:
+    """A constant-time comparison of any header value with a key. Compared as bytes: compare_digest
+    refuses str with non-ASCII characters (a TypeError, which would answer a plain-text 500)."""
+    return secrets.compare_digest(given.encode("utf-8", "surrogatepass"), key.encode("utf-8", "surrogatepass"))
+
+
 @dataclass
 class AuthKeys:
     api_keys: list[str]
     admin_key: str
 
     def is_admin(self, key: str) -> bool:
-        return secrets.compare_digest(key, self.admin_key)
+        return same_key(key, self.admin_key)
 
     def is_api(self, key: str) -> bool:
-        return self.is_admin(key) or any(secrets.compare_digest(key, k) for k in self.api_keys)
+        return self.is_admin(key) or any(same_key(key, k) for k in self.api_keys)
+
+
+def write_private(path: Path, text: str) -> bool:
+    """Write a new file readable by its owner only from the first byte (mode 0600 at creation, not a
+    chmod after: the keys are never readable by others, not even for a moment). False if it exists."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        file.write(text)
+    return True
 
 
 def load_or_create_keys(path: Path) -> AuthKeys:
     """Read `api_tokens.yml`; write one with random keys when it is missing."""
     if not path.exists():
         keys = AuthKeys(api_keys=[secrets.token_hex(16)], admin_key=secrets.token_hex(16))
-        path.write_text(yaml.safe_dump({"api_key": keys.api_keys[0], "admin_key": keys.admin_key}), encoding="utf-8")
-        path.chmod(0o600)
-        return keys
+        if write_private(path, yaml.safe_dump({"api_key": keys.api_keys[0], "admin_key": keys.admin_key})):
+            return keys
+        # Another process wrote the file first: its keys are the server's.
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     api = data.get("api_key")
     api_keys = [str(k) for k in api] if isinstance(api, list) else [str(api)] if api else []

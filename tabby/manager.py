@@ -23,6 +23,8 @@ from tabby.errors import ModelNameError, ModelNotLoadedError
 log = logging.getLogger("tabby")
 
 LoadEvent = dict[str, Any]
+# The longest file name most file systems allow; a longer one would make the lookup itself fail.
+MAX_NAME_BYTES = 255
 
 
 def progress_event(module: int, modules: int, status: str, model_type: str = "model") -> LoadEvent:
@@ -69,8 +71,14 @@ class ModelManager:
             raise ModelNameError("A model name was not provided for load.")
         if name in (".", "..") or "/" in name or "\\" in name or ".." in name or Path(name).is_absolute():
             raise ModelNameError("A model name must be the name of a folder in the model directory, not a path.")
+        if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES or "\x00" in name:
+            raise ModelNameError(f"A model name is the name of a folder: at most {MAX_NAME_BYTES} bytes, with no NUL character.")
         path = self.model_dir / name
-        if not path.is_dir():
+        try:
+            found = path.is_dir()
+        except (OSError, ValueError):  # what the file system refuses to look up names no folder
+            found = False
+        if not found:
             raise ModelNameError("Could not find the model path for load. Check model name or config.yml?")
         return path
 

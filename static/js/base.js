@@ -24,7 +24,16 @@ window.gantry = (function () {
     }
     return data;
   }
-  return { csrfToken, api };
+  // A socket closed with 4401: its session ended (logged out, password changed, account deactivated).
+  // Reloading lands on the login page, unless this page is already leaving (its own Log out, say).
+  let leaving = false;
+  window.addEventListener("beforeunload", () => { leaving = true; });
+  function sessionEnded(event) {
+    if (event.code !== 4401) return false;
+    if (!leaving) window.location.reload();
+    return true;
+  }
+  return { csrfToken, api, sessionEnded };
 })();
 
 // The profile menu at the top right, on every page.

@@ -243,6 +243,7 @@
     socket.addEventListener("message", (event) => onEvent(JSON.parse(event.data)));
     socket.addEventListener("close", (event) => {
       dropPending();
+      if (window.gantry.sessionEnded(event)) return;
       // Reconnect after a dropped connection, then reload the history to catch up.
       if (event.code !== 1000) setTimeout(() => { connect(); loadHistory(); }, 1500);
     });

@@ -245,7 +245,10 @@
       api("GET", "/api/admin/models").then((data) => drawRows(data.models)).catch(() => {});
     });
     socket.addEventListener("message", (event) => onEvent(JSON.parse(event.data)));
-    socket.addEventListener("close", () => { setLive(false); setTimeout(connect, 1500); });
+    socket.addEventListener("close", (event) => {
+      setLive(false);
+      if (!window.gantry.sessionEnded(event)) setTimeout(connect, 1500);
+    });
   }
 
   const running = JSON.parse(document.getElementById("running-operation").textContent);

@@ -1,20 +1,16 @@
 """Writing the demo model folders: config, tokenizer and sharded safetensors weights.
 
-A folder appears under its final name only once it is whole (it is written hidden, then renamed),
-so a server listing the model directory never sees half a model, and an interrupted run is
-cleaned up by the next one.
+A folder appears under its final name only once it is whole (`tabby.folders.write_whole`), so a
+server listing the model directory never sees half a model.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -29,6 +25,7 @@ from tabby.demo.specs import (
     weight_shapes,
 )
 from tabby.demo.tokenizer import Tokenizers, special_tokens_map, tokenizer_config
+from tabby.folders import is_complete, write_json, write_whole
 
 MAX_SHARD_BYTES = 512 * 10**6
 
@@ -78,65 +75,18 @@ def _write_weights(folder: Path, spec: DemoModel) -> int:
     total = sum(numel(shape) for shape in shapes.values()) * BYTES_PER_PARAMETER
     if len(shards) > 1:
         weight_map = {name: file_name for file_name, names in zip(file_names, shards) for name in names}
-        _write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
     return total
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _weight_files(folder: Path) -> list[Path] | None:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        return [folder / name for name in sorted(set(weight_map.values()))]
-    single = folder / "model.safetensors"
-    return [single] if single.is_file() else None
-
-
-def is_complete(folder: Path) -> bool:
-    """Whether `folder` holds a whole model (config, tokenizer and every weight file)."""
-    needed = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
-    if not all((folder / name).is_file() for name in needed):
-        return False
-    weight_files = _weight_files(folder)
-    return weight_files is not None and all(path.is_file() for path in weight_files)
-
-
-def _partial_folder(target: Path, name: str) -> Path:
-    # Hidden, and named after the writing process so a later run can tell a dead one's leftovers.
-    return target / f".{name}.partial-{os.getpid()}"
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_partials(target: Path, name: str) -> None:
-    for leftover in target.glob(f".{name}.partial-*"):
-        pid_text = leftover.name.rsplit("-", 1)[-1]
-        if pid_text.isdigit() and (int(pid_text) == os.getpid() or not _process_alive(int(pid_text))):
-            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _write_folder(folder: Path, spec: DemoModel, tokenizer_json: str) -> int:
     folder.mkdir()
-    _write_json(folder / "config.json", spec.config())
+    write_json(folder / "config.json", spec.config())
     generation = {"bos_token_id": BOS_TOKEN_ID, "eos_token_id": EOS_TOKEN_ID, "pad_token_id": PAD_TOKEN_ID}
-    _write_json(folder / "generation_config.json", generation)
+    write_json(folder / "generation_config.json", generation)
     (folder / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-    _write_json(folder / "tokenizer_config.json", tokenizer_config(spec))
-    _write_json(folder / "special_tokens_map.json", special_tokens_map())
+    write_json(folder / "tokenizer_config.json", tokenizer_config(spec))
+    write_json(folder / "special_tokens_map.json", special_tokens_map())
     return _write_weights(folder, spec)
 
 
@@ -148,21 +98,10 @@ def _make_one(spec: DemoModel, target: Path, tokenizers: Tokenizers, log: Callab
     if final.exists():
         raise FileExistsError(f"{final} exists but is not a complete model; move it away and run again")
     started = time.perf_counter()
-    _remove_stale_partials(target, spec.name)
-    partial = _partial_folder(target, spec.name)
-    try:
-        size = _write_folder(partial, spec, tokenizers.get(spec.vocab_size))
-        # The rename is what makes the model visible: an interrupted run leaves only the hidden partial.
-        os.rename(partial, final)
-    except OSError:
-        shutil.rmtree(partial, ignore_errors=True)
-        if is_complete(final):  # another run finished it first
-            log(f"{spec.name}: already there")
-            return final
-        raise
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    size = write_whole(final, lambda partial: _write_folder(partial, spec, tokenizers.get(spec.vocab_size)))
+    if size is None:
+        log(f"{spec.name}: already there")
+        return final
     log(f"{spec.name}: made {size / 1e6:.1f} MB of weights in {time.perf_counter() - started:.1f} s")
     return final
 

@@ -133,3 +133,23 @@ def read_model_config(model_dir: Path) -> dict[str, Any]:
     if not isinstance(architectures, list) or len(architectures) != 1 or not isinstance(architectures[0], str):
         raise ModelFolderError(f"{model_dir}/config.json must name exactly one architecture in 'architectures'")
     return config
+
+
+# Sampling fields of a model's generation_config.json that stand in for those a request leaves unset, as
+# vLLM does: the model's authors know what it answers well with (a small model rambles at temperature 1).
+GENERATION_CONFIG_SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
+def read_sampling_defaults(model_dir: Path) -> dict[str, float]:
+    """The sampling settings of the model's generation_config.json; {} when it has none (or says not to sample)."""
+    try:
+        config = json.loads((model_dir / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    if not isinstance(config, dict) or config.get("do_sample") is False:
+        return {}
+    return {
+        key: float(value)
+        for key in GENERATION_CONFIG_SAMPLING
+        if isinstance(value := config.get(key), (int, float)) and not isinstance(value, bool)
+    }

@@ -273,6 +273,46 @@ def test_past_the_queue_limit_a_new_message_is_refused_with_a_sentence(model_ser
         assert [found[i]["status"] for i in ids] == ["done"] * 3
 
 
+def test_one_person_cannot_fill_the_queue_and_retry_obeys_both_limits(model_server: TabbyServer, tmp_path: Path) -> None:
+    env = {"GANTRY_MAX_QUEUED": "4", "GANTRY_MAX_QUEUED_PER_USER": "2", "GANTRY_MAX_ANSWER_TOKENS": "16"}
+    mine_full = (
+        "You already have 2 messages waiting for the model (the limit is 2). "
+        "Send this one once some are answered; your text is still here."
+    )
+    all_full = "4 messages are already waiting for the model. Try again in a moment; your text is still here."
+    with run_site(tmp_path / "site", model_server.url, extra_env=env) as site:
+        with site.session(MEMBER) as member, site.session(OUTSIDER) as outsider, site.session(ADMIN) as admin:
+            make_active(site, None)
+            people = (("m", member), ("o", outsider), ("a", admin))
+            chats = {name: client.post("/api/conversations/", json={}).json()["id"] for name, client in people}
+            held = [post(member, chats["m"], f"Mine {n}") for n in (1, 2)]
+            mine_refused = post(member, chats["m"], "Mine 3")
+            held += [post(outsider, chats["o"], f"Theirs {n}") for n in (1, 2)]
+            all_refused = post(admin, chats["a"], "Admin 1")
+            assert [r.status_code for r in held] == [202] * 4
+            assert (mine_refused.status_code, mine_refused.json()) == (400, {"detail": mine_full})
+            assert (all_refused.status_code, all_refused.json()) == (400, {"detail": all_full})
+
+            # Retry: a stopped message sent again waits in the same queue, within the same limits.
+            stopped = held[0].json()["id"]
+            assert member.post(f"/api/messages/{stopped}/stop/").json()["status"] == "cancelled"
+            replaced = post(member, chats["m"], "Mine 3")  # the member's room, taken again
+            retried = member.post(f"/api/messages/{stopped}/retry/")
+            assert (replaced.status_code, retried.status_code, retried.json()) == (202, 400, {"detail": mine_full})
+            outsiders = held[2].json()["id"]
+            assert outsider.post(f"/api/messages/{outsiders}/stop/").json()["status"] == "cancelled"
+            assert post(admin, chats["a"], "Admin 1").status_code == 202  # the queue is full again
+            retried_when_full = outsider.post(f"/api/messages/{outsiders}/retry/")
+            assert (retried_when_full.status_code, retried_when_full.json()) == (400, {"detail": all_full})
+            still = rows(site, [stopped, outsiders])
+            assert (still[stopped]["status"], still[outsiders]["status"]) == ("cancelled", "cancelled")
+
+            assert switch(site, TINY).status_code == 200
+            waiting = [held[1].json()["id"], replaced.json()["id"], held[3].json()["id"]]
+            found = answered(site, waiting)
+            assert [found[i]["status"] for i in waiting] == ["done"] * 3
+
+
 def test_an_answer_cut_off_by_an_unload_after_the_drain_is_queued_again_and_answered_by_the_next_model(
     long_site: Site,
 ) -> None:

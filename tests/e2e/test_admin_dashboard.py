@@ -19,6 +19,7 @@ from playwright.sync_api import Browser, Locator, Page, expect
 
 from harness.site import ADMIN, MEMBER, Site, run_site
 from harness.tabby_server import TabbyServer, run_tabby, wait_loaded
+from tabby.demo import DEMO_MODELS
 from tests.e2e.conftest import TIMEOUT_MS, log_in
 
 TINY = "Tiny-Chat-5M"
@@ -48,11 +49,11 @@ RECORD_PROGRESS = """() => {
 
 @pytest.fixture(scope="module")
 def model_dir(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo models, linked into a folder of this module's own (one test adds a broken model to it)."""
+    """The demo models (not the real one beside them), linked into a folder of this module's own (one test adds
+    a broken model to it)."""
     folder = tmp_path_factory.mktemp("models")
-    for model in sorted(demo_models.iterdir()):
-        if model.is_dir():
-            (folder / model.name).symlink_to(model, target_is_directory=True)
+    for spec in DEMO_MODELS:
+        (folder / spec.name).symlink_to(demo_models / spec.name, target_is_directory=True)
     return folder
 
 

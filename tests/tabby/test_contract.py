@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -134,6 +134,7 @@ class Difference:
     status: int | None = None  # None: as recorded
     content_type: str | None = None
     body: Any = AS_RECORDED  # JSON body, list of SSE data payloads, or text
+    headers: dict[str, str | None] = field(default_factory=dict)  # compared headers answered otherwise (None: absent)
 
 
 NOT_LOADED = {"detail": "No models are currently loaded."}
@@ -145,6 +146,11 @@ NO_WEIGHTS = (
     "the folder (no weights) with its own message; same stream otherwise (one error event, no [DONE])"
 )
 NO_TEMPLATES = "/v1/templates is not served: Gantry's server has no folder of prompt templates (404 JSON)"
+NO_CORS_CREDENTIALS = (
+    "CORS never lets a page send the browser's credentials: TabbyAPI allows credentials with every origin, so it "
+    "reflects any Origin with `allow-credentials: true`; Gantry's server allows every origin as `*`, without credentials"
+)
+ANY_ORIGIN = {"access-control-allow-origin": "*", "access-control-allow-credentials": None}
 
 DELIBERATE_DIFFERENCES: dict[str, Difference] = {
     "23-models-wrong-x-admin-plus-valid-api": Difference(
@@ -165,6 +171,8 @@ DELIBERATE_DIFFERENCES: dict[str, Difference] = {
     "53-completions-nothing-loaded-with-model-field": Difference(NO_PLAIN_500, 503, JSON, NOT_LOADED),
     "57-templates-admin": Difference(NO_TEMPLATES, 404, JSON, NOT_FOUND),
     "58-templates-api-key": Difference(NO_TEMPLATES, 404, JSON, NOT_FOUND),
+    "61-cors-preflight": Difference(NO_CORS_CREDENTIALS, headers=ANY_ORIGIN),
+    "62-models-api-key-with-origin": Difference(NO_CORS_CREDENTIALS, headers=ANY_ORIGIN),
     "75-noauth-model-load-no-key": Difference(NO_WEIGHTS, body=OWN_LOAD_ERROR),
     "80-model-load-slow-with-pings": Difference(NO_WEIGHTS, body=OWN_LOAD_ERROR),
     "81-concurrent-load-first-held": Difference(NO_WEIGHTS, body=OWN_LOAD_ERROR),
@@ -312,7 +320,8 @@ def check_answer(name: str, got: Exchange) -> None:
     content_type = difference.content_type or recorded["headers"]["content-type"]
     assert (got.status, got.headers.get("content-type")) == (status, content_type), got.raw
     for header in COMPARED_HEADERS:
-        assert got.headers.get(header) == recorded["headers"].get(header), f"header {header}"
+        expected_header = difference.headers[header] if header in difference.headers else recorded["headers"].get(header)
+        assert got.headers.get(header) == expected_header, f"header {header}"
 
     body: Any
     expected: Any
