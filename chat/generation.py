@@ -23,11 +23,10 @@ from django.utils import timezone
 
 from chat.models import Message
 from chat.streaming import Pace, Stopped, opened, relay, too_long
-from gantry.background import dispatch, spawn
+from gantry.background import spawn
 from gantry.broadcast import DoneEvent, ErrorEvent, Event, MessageEvent, abroadcast, broadcast, conversation_group
-from models_admin.services import default_backend
+from models_admin.services import default_backend, note_nothing_loaded, request_check
 from models_admin.tabby_errors import BackendError, BackendUnavailable, GenerationFailed, NoModelLoaded
-from models_admin.tasks import refresh_models
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +214,8 @@ async def _generate(
         status, error = Message.Status.FAILED, failure_sentence(exc)
         if await sync_to_async(_held_back)(answer.question, exc):
             status = Message.Status.QUEUED
+        elif isinstance(exc, BackendUnavailable):
+            await sync_to_async(request_check)()  # the model's state is in doubt: the banner follows within seconds
     finally:
         if answer is not None:
             _running.pop(answer.question.pk, None)
@@ -288,10 +289,10 @@ def _held_back(question: Message, exc: BackendError) -> bool:
     if not (isinstance(exc, NoModelLoaded) or (swapping and isinstance(exc, GenerationFailed))):
         return False
     note = "Interrupted by a model switch; it will be answered by the new model." if swapping else ""
+    if isinstance(exc, NoModelLoaded):
+        note_nothing_loaded()  # close the gate first: the requeued message is not sent to be refused again
     Message.objects.filter(reply_to=question).update(content="", status=Message.Status.CANCELLED, error=note)
     requeue(question.pk, note)
-    if isinstance(exc, NoModelLoaded):
-        dispatch(refresh_models)  # learn what TabbyAPI has loaded, which reopens (or keeps closed) the gate
     return True
 
 

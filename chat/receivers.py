@@ -8,14 +8,19 @@ from django.contrib.auth.signals import user_login_failed
 from django.dispatch import receiver
 
 from chat.models import Message
-from chat.queue import requeue_orphans, schedule_positions, wake
+from chat.queue import requeue_orphans, schedule_positions, waiting, wake
 from gantry.metrics import LOGIN_FAILURES
-from models_admin.signals import count_running_answers, model_ready, model_unavailable
+from models_admin.signals import count_running_answers, count_waiting, model_ready, model_unavailable
 
 
 @receiver(count_running_answers)
 def running_answers(sender: Any, **kwargs: Any) -> int:
     return Message.objects.answering().count()
+
+
+@receiver(count_waiting)
+def waiting_messages(sender: Any, **kwargs: Any) -> int:
+    return 1 if waiting().exists() else 0  # whether any waits is all the watcher asks
 
 
 @receiver(model_ready)

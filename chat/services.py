@@ -17,12 +17,11 @@ from django.utils import timezone
 from chat.generation import Answer, Claimed, EarlyRequest, answer_row, cancel_here, generate, history
 from chat.models import Conversation, Message
 from chat.queue import admit, check_room, position, release_here, schedule_positions, wake
-from gantry.background import in_thread, spawn
+from gantry.background import spawn
 from gantry.broadcast import ConversationEvent, MessageEvent, QueuedEvent, broadcast, conversation_group, user_group
 from gantry.parsers import is_storable
 from models_admin.models import Backend
 from models_admin.services import default_backend
-from models_admin.tasks import refresh_models
 
 
 def _send_message(message: Message) -> None:
@@ -167,8 +166,7 @@ def _hold(message: Message, backend: Backend) -> None:
         # Held: tell the author where the message stands (the release updates it as the queue moves).
         event = QueuedEvent(type="chat.queued", message_id=message.pk, position=position(message))
         broadcast(conversation_group(message.conversation_id), event)
-        if not backend.is_busy:
-            in_thread(refresh_models.run)  # a model may have been loaded on TabbyAPI directly
+        # While it waits, the watchers check TabbyAPI every second (a model may be loaded on it directly).
 
 
 def _start_or_hold(message: Message, backend: Backend) -> None:

@@ -13,7 +13,7 @@ from chat.accounts import MAX_USERNAME, LoginRefused, log_in
 from chat.models import Conversation
 from gantry import origins
 from gantry.parsers import is_storable
-from models_admin.services import backend_event
+from models_admin.services import backend_event, check_if_stale, default_backend
 
 
 def login_page(request: HttpRequest) -> HttpResponse:
@@ -46,8 +46,10 @@ def logout_page(request: HttpRequest) -> HttpResponse:
 def chat_page(request: HttpRequest, conversation_id: int | None = None) -> HttpResponse:
     conversations = Conversation.objects.owned_by(request.user)
     current = get_object_or_404(conversations, pk=conversation_id) if conversation_id is not None else None
+    backend = default_backend()
+    check_if_stale(backend)  # the banner follows from the page's socket
     return render(
         request,
         "chat/chat.html",
-        {"conversations": conversations, "current": current, "model": backend_event()},
+        {"conversations": conversations, "current": current, "model": backend_event(backend)},
     )

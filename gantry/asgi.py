@@ -24,12 +24,14 @@ from django.core.handlers.wsgi import WSGIHandler
 import chat.routing
 import models_admin.routing
 from chat.queue import wake
-from gantry.background import bind_serving_loop, every, in_thread
+from gantry.background import bind_serving_loop, every, in_thread, repeat
 from gantry.origins import SameSiteSockets
 from gantry.proxy import as_the_proxy_saw_it
 from gantry.serving import ThreadedWSGI, is_async_view
+from models_admin.services import request_check
 from models_admin.tabby_client import tls_context
 from models_admin.tasks import refresh_models
+from models_admin.watcher import watch_round
 
 # Both handlers are built from the one settings.MIDDLEWARE (see gantry/serving.py).
 async_view_application = ASGIHandler()
@@ -59,13 +61,17 @@ _started = False
 
 
 def start_background_work() -> None:
-    """Embedded (no Celery broker), the periodic work runs in the web process; beat does it otherwise."""
+    """Embedded (no Celery broker), the periodic work runs in the web process; beat does it otherwise.
+    Every web process watches the model's state closely while it is in doubt or messages wait."""
     in_thread(tls_context)  # made once, before the first answer needs it
 
     if settings.CELERY_BROKER_URL:
         in_thread(refresh_models.run)  # beat refreshes from now on; learn the state at once
     else:
         every(settings.GANTRY_REFRESH_INTERVAL, refresh_models)
+    # A process that just started cannot tell a model server still loading its model from one with none.
+    in_thread(request_check, settings.GANTRY_REFRESH_INTERVAL)
+    repeat("gantry-watcher", watch_round)
     wake()  # messages held before this process started
 
 

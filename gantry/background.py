@@ -6,6 +6,8 @@
   loop that owns their connections.
 - `dispatch(task, *args)`: a Celery task through the broker in production; embedded (no broker), the
   same function on a worker thread of this process: never in the thread of the request that asked.
+- `every(seconds, task)` (the embedded stand-in for beat) and `repeat(name, func)`: periodic work on a
+  daemon thread of its own.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import contextvars
 import logging
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from django.conf import settings
@@ -85,6 +87,24 @@ def dispatch(task: Any, *args: Any) -> None:
         task.delay_on_commit(*args)
     else:
         transaction.on_commit(lambda: _threads.submit(_run_in_thread, task.run, args))
+
+
+def repeat(name: str, func: Callable[[], float]) -> None:
+    """Run `func` again and again on a daemon thread of its own, waiting as long as it returns between runs."""
+
+    def loop() -> None:
+        while True:
+            close_old_connections()
+            try:
+                wait = func()
+            except Exception:
+                log.exception("%s failed", name)
+                wait = 1.0
+            finally:
+                close_old_connections()
+            time.sleep(wait)
+
+    threading.Thread(target=loop, name=name, daemon=True).start()
 
 
 def every(seconds: float, task: Any) -> None:

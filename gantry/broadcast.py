@@ -81,12 +81,20 @@ class RefusedEvent(TypedDict):
 
 
 class ModelStateEvent(TypedDict):
-    """The backend's state: ready, switching, unloading, unloaded or failed."""
+    """The backend's state: ready, switching, unloading, unloaded, failed or unreachable.
+
+    `trouble` ("unreachable", "key", "answer" or None) and `trouble_text` say why TabbyAPI could not be
+    asked the last time; `abandoned_load` names a model TabbyAPI still loads after a switch stopped
+    waiting for it (no switch can start until that load ends).
+    """
 
     type: Literal["model.state"]
     state: str
     active_model: str | None
     target_model: str | None
+    trouble: str | None
+    trouble_text: str | None
+    abandoned_load: str | None
     operation_id: int | None
 
 

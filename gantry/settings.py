@@ -215,6 +215,9 @@ TABBY_ADMIN_KEY = env_str("TABBY_ADMIN_KEY")
 TABBY_TOKENS_FILE = env_str("TABBY_TOKENS_FILE")
 TABBY_CONNECT_TIMEOUT = env_float("TABBY_CONNECT_TIMEOUT", 5.0, minimum=0.1)
 TABBY_READ_TIMEOUT = env_float("TABBY_READ_TIMEOUT", 120.0, minimum=1.0)
+# The longest wait for TabbyAPI in the model state's checks and refreshes, including those a page asks
+# for (Refresh, a switch's check): a frozen model server never holds a page's thread longer.
+TABBY_CHECK_TIMEOUT = env_float("TABBY_CHECK_TIMEOUT", 3.0, minimum=0.5)
 
 GANTRY_MAX_MESSAGE_CHARS = env_int("GANTRY_MAX_MESSAGE_CHARS", 32_000, minimum=1)
 GANTRY_MAX_ANSWER_TOKENS = env_int("GANTRY_MAX_ANSWER_TOKENS", 512, minimum=1)

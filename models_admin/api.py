@@ -21,11 +21,14 @@ from gantry import origins
 from gantry.parsers import loads
 from gantry.serving import in_web_thread
 from models_admin import operations
-from models_admin.models import Operation
+from models_admin.models import Backend, Operation
 from models_admin.services import default_backend, model_rows, sync_models
+from models_admin.tabby_errors import BackendAuthError, BackendError
 
 SWITCH_FAILED = "Failed to switch model. Is TabbyAPI available?"
 UNLOAD_FAILED = "Failed to unload the model. Is TabbyAPI available?"
+LIST_FAILED = "Failed to read the model list from TabbyAPI."
+REFRESH_FAILED = "Failed to refresh the model list from TabbyAPI; `models` is what Gantry knew."
 View = Callable[..., Any]
 
 
@@ -70,13 +73,24 @@ def admin_api(view: View) -> View:
 @require_GET
 @admin_api
 def models(request: HttpRequest) -> JsonResponse:
-    return JsonResponse({"models": model_rows(default_backend())})
+    backend = default_backend()
+    if backend.trouble == Backend.Trouble.KEY:
+        # The list Gantry has may not be the server's (an API key sees only the loaded model): say why.
+        return detail(LIST_FAILED, 502, reason=backend.trouble_text)
+    return JsonResponse({"models": model_rows(backend)})
 
 
 @require_POST
 @admin_api
 def refresh(request: HttpRequest) -> JsonResponse:
-    return JsonResponse({"models": model_rows(sync_models())})
+    # In a page's thread: the sync waits at most TABBY_CHECK_TIMEOUT for each answer.
+    try:
+        backend = sync_models(strict=True)
+    except BackendError as exc:
+        backend = default_backend()
+        rows = [] if backend.trouble == Backend.Trouble.KEY else model_rows(backend)
+        return detail(REFRESH_FAILED, 502, reason=exc.message, models=rows)
+    return JsonResponse({"models": model_rows(backend)})
 
 
 # Switch and unload answer when the operation is over: the request is made in a web thread
@@ -94,6 +108,10 @@ async def switch(request: HttpRequest) -> JsonResponse:
         operation = await in_web_thread(operations.request_switch, model_id, request.user, _source(request))
     except operations.UnknownModel:
         return detail(f"There is no model named {model_id}.", 404)
+    except BackendAuthError as exc:
+        return detail(SWITCH_FAILED, 502, reason=exc.message)
+    except operations.StillLoading as exc:
+        return detail(exc.message, 409)
     except operations.OperationConflict as exc:
         running = exc.running
         message = f"Another operation is running ({running.kind} to {running.to_model or 'nothing'}); try again when it ends."
@@ -107,6 +125,10 @@ async def switch(request: HttpRequest) -> JsonResponse:
 async def unload(request: HttpRequest) -> JsonResponse:
     try:
         operation = await in_web_thread(operations.request_unload, request.user, _source(request))
+    except BackendAuthError as exc:
+        return detail(UNLOAD_FAILED, 502, reason=exc.message)
+    except operations.StillLoading as exc:
+        return detail(exc.message, 409)
     except operations.OperationConflict as exc:
         return detail("A model switch is running; unload when it ends.", 409, operation_id=exc.running.pk)
     return await _when_over(operation, JsonResponse({"message": "Model unloaded successfully"}), UNLOAD_FAILED)

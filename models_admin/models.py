@@ -17,6 +17,15 @@ class Backend(models.Model):
         UNLOADING = "unloading"
         UNLOADED = "unloaded"
         FAILED = "failed"
+        UNREACHABLE = "unreachable"  # TabbyAPI did not answer the last check (nothing is known to be loaded)
+
+    class Trouble(models.TextChoices):
+        """What went wrong the last time Gantry asked TabbyAPI (none: the last answer was fine)."""
+
+        NONE = ""
+        UNREACHABLE = "unreachable"
+        KEY = "key"  # TabbyAPI refused Gantry's key, or the admin key has no admin rights
+        ANSWER = "answer"  # TabbyAPI answered something Gantry cannot use
 
     name = models.CharField(max_length=100, unique=True, default="default")
     base_url = models.CharField(max_length=500)
@@ -25,6 +34,18 @@ class Backend(models.Model):
     target_model = models.CharField(max_length=200, blank=True, default="")
     operation = models.ForeignKey("Operation", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     refreshed_at = models.DateTimeField(null=True, blank=True)
+    # The last failure to read TabbyAPI, as a sentence for admins naming what to fix; "" after a good answer.
+    trouble = models.CharField(max_length=16, choices=Trouble.choices, blank=True, default="")
+    trouble_text = models.TextField(blank=True, default="")
+    # The watchers' light checks: when one was last made (one process claims each), and until when the
+    # state is in doubt (checked every second meanwhile).
+    checked_at = models.DateTimeField(null=True, blank=True)
+    doubt_until = models.DateTimeField(null=True, blank=True)
+    # A load TabbyAPI still runs after a switch stopped waiting for it (TabbyAPI does not stop a load whose
+    # client gave up, and loads nothing else meanwhile); the process following it beats `abandoned_beat`.
+    abandoned_load = models.CharField(max_length=200, blank=True, default="")
+    abandoned_since = models.DateTimeField(null=True, blank=True)
+    abandoned_beat = models.DateTimeField(null=True, blank=True)
     updated = models.DateTimeField(auto_now=True)
 
     def __str__(self) -> str:
@@ -38,11 +59,23 @@ class Backend(models.Model):
     def is_busy(self) -> bool:
         return self.state in (self.State.SWITCHING, self.State.UNLOADING)
 
+    @property
+    def is_in_doubt(self) -> bool:
+        """Whether the watchers check TabbyAPI every second: its state is not known for sure."""
+        return (
+            self.state in (self.State.UNREACHABLE, self.State.FAILED)
+            or bool(self.abandoned_load)
+            or (self.doubt_until is not None and self.doubt_until > timezone.now())
+        )
+
     def as_event(self) -> dict[str, Any]:
         return {
             "state": self.state,
             "active_model": self.active_model or None,
             "target_model": self.target_model or None,
+            "trouble": self.trouble or None,
+            "trouble_text": self.trouble_text or None,
+            "abandoned_load": self.abandoned_load or None,
         }
 
 

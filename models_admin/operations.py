@@ -14,6 +14,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import transaction
+from django.utils import timezone
 
 from gantry.background import dispatch
 from gantry.broadcast import MODELS_GROUP
@@ -23,7 +24,7 @@ from models_admin.models import Backend, LanguageModel, Operation
 from models_admin.runner import reconcile_stale_operations
 from models_admin.services import announce_state, default_backend, sync_models
 from models_admin.signals import model_unavailable
-from models_admin.tabby_errors import BackendError
+from models_admin.tabby_errors import BackendAuthError, BackendError
 
 WAIT_CHECK_EVERY = 1.0  # seconds between reads of a running operation while waiting for its end
 BLOCKING_CHECK_EVERY = 0.2  # the same without state events to wake the wait
@@ -39,6 +40,20 @@ class OperationConflict(Exception):
         self.running = running
 
 
+class StillLoading(Exception):
+    """TabbyAPI still runs a load that a switch stopped waiting for: it loads nothing else (and unloads
+    nothing) until that load ends, so a new request would only stall behind it."""
+
+    def __init__(self, backend: Backend, action: str) -> None:
+        since = timezone.localtime(backend.abandoned_since).strftime("%H:%M:%S") if backend.abandoned_since else "earlier"
+        self.message = (
+            f"TabbyAPI is still loading {backend.abandoned_load}, which a switch stopped waiting for at {since} (it "
+            f"made no progress for {settings.GANTRY_SWITCH_TIMEOUT:g} seconds). TabbyAPI goes on with that load and "
+            f"cannot {action} before it ends: try again then (the Models tab shows when)."
+        )
+        super().__init__(self.message)
+
+
 # Requests
 
 
@@ -48,14 +63,16 @@ def request_switch(model_name: str, user: Any = None, source: str = Operation.So
     _refuse_while_running(backend, Operation.Kind.SWITCH, model_name)
     known = LanguageModel.objects.filter(backend=backend, name=model_name, present=True).exists()
     confirmed = False
-    if not known or (backend.is_ready and backend.active_model == model_name):
+    if not known or (backend.is_ready and backend.active_model == model_name) or backend.trouble == Backend.Trouble.KEY:
         # A folder added since the last refresh, or a "nothing to do" that TabbyAPI must confirm
-        # (someone may have loaded another model on it directly).
+        # (someone may have loaded another model on it directly), or a key TabbyAPI refused last time
+        # (BackendAuthError: the list is not the server's, and a switch could only fail).
         confirmed = _confirm_with_tabby()
         if confirmed and not LanguageModel.objects.filter(backend=backend, name=model_name, present=True).exists():
             raise UnknownModel(model_name)
     with transaction.atomic():
         backend = Backend.objects.select_for_update().get(pk=default_backend().pk)
+        _refuse_while_loading(backend, "switch models")
         running = _running(backend)
         if running is not None:
             if running.kind == Operation.Kind.SWITCH and running.to_model == model_name:
@@ -73,6 +90,7 @@ def request_unload(user: Any = None, source: str = Operation.Source.API) -> Oper
     confirmed = not backend.is_busy and _confirm_with_tabby()
     with transaction.atomic():
         backend = Backend.objects.select_for_update().get(pk=default_backend().pk)
+        _refuse_while_loading(backend, "unload a model")
         running = _running(backend)
         if running is not None:
             if running.kind == Operation.Kind.UNLOAD:
@@ -93,12 +111,22 @@ def _refuse_while_running(backend: Backend, kind: str, model_name: str) -> None:
     running = _running(backend)
     if running is not None and not (running.kind == kind and running.to_model == model_name):
         raise OperationConflict(running)
+    _refuse_while_loading(backend, "switch models" if kind == Operation.Kind.SWITCH else "unload a model")
+
+
+def _refuse_while_loading(backend: Backend, action: str) -> None:
+    if backend.abandoned_load:
+        raise StillLoading(backend, action)
 
 
 def _confirm_with_tabby() -> bool:
-    """Refresh from TabbyAPI; False when it cannot be asked (the run then tries, fails and says why: 502)."""
+    """Refresh from TabbyAPI (a short wait: the caller is a page's thread); False when it cannot be asked
+    (the run then tries, fails and says why: 502). A refused key is raised (BackendAuthError): no run
+    could get past it."""
     try:
         sync_models(strict=True)
+    except BackendAuthError:
+        raise
     except BackendError:
         return False
     return True

@@ -24,17 +24,27 @@ from django.utils import timezone
 
 from gantry.broadcast import CHAT_GROUP, MODELS_GROUP, ModelProgressEvent, broadcast
 from models_admin.models import Backend, Operation
-from models_admin.services import admin_client, announce_state, sync_models
+from models_admin.services import admin_client, announce_state, end_abandoned_load, sync_models
 from models_admin.signals import model_ready, running_answers
 from models_admin.tabby_client import TabbyClient
-from models_admin.tabby_errors import BackendError, BackendUnavailable, NoModelLoaded
+from models_admin.tabby_errors import BackendAuthError, BackendError, BackendUnavailable, NoModelLoaded
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
 class Stalled(Exception):
-    pass
+    """A load made no progress for GANTRY_SWITCH_TIMEOUT seconds.
+
+    TabbyAPI goes on with it: it does not stop a load whose client gave up, and loads nothing else until
+    it ends. `follow(beat)` gives the load's events still to come, however long they take; `model` is
+    the model being loaded.
+    """
+
+    def __init__(self, message: str, follow: Callable[[Callable[[], None]], Iterator[Any]]) -> None:
+        super().__init__(message)
+        self.follow = follow
+        self.model = ""
 
 
 # Chat pages show a banner, not the bar: they get a progress event at most this often (and every step).
@@ -118,12 +128,14 @@ def watched(events: Iterator[T], timeout: float, beat: Callable[[], None]) -> It
     threading.Thread(target=pump, name="load-events", daemon=True).start()
     last = time.monotonic()
     while True:
+        left = timeout - (time.monotonic() - last)
+        if left <= 0:
+            seconds = f"{timeout:.0f} second{'' if round(timeout) == 1 else 's'}"
+            raise Stalled(f"The model server made no progress for {seconds}.", lambda beat: _drained(inbox, beat))
         try:
-            kind, value = inbox.get(timeout=min(1.0, timeout))
+            kind, value = inbox.get(timeout=min(1.0, left))
         except queue.Empty:
             beat()
-            if time.monotonic() - last > timeout:
-                raise Stalled(f"The model server made no progress for {timeout:.0f} seconds.") from None
             continue
         if kind == "end":
             return
@@ -133,23 +145,39 @@ def watched(events: Iterator[T], timeout: float, beat: Callable[[], None]) -> It
         yield value
 
 
+def _drained(inbox: queue.Queue[tuple[str, Any]], beat: Callable[[], None]) -> Iterator[Any]:
+    """The events still to come from a load's pump, to its end, with `beat` every second meanwhile."""
+    while True:
+        try:
+            kind, value = inbox.get(timeout=1.0)
+        except queue.Empty:
+            beat()
+            continue
+        if kind == "end":
+            return
+        if kind == "error":
+            raise value
+        yield value
+
+
 def run_operation(operation_id: int) -> None:
     """The body of the Celery task: run a recorded switch or unload to its end."""
     operation = Operation.objects.select_related("backend").get(pk=operation_id)
     if operation.status != Operation.Status.RUNNING:
         return
     reporter = Reporter(operation)
-    try:
-        _drain(reporter)
-        with admin_client() as client:
+    # One client to the end: a stalled load's stream stays open on it while the load is followed.
+    with admin_client() as client:
+        try:
+            _drain(reporter)
             _unload(client, reporter)
             if operation.kind == Operation.Kind.SWITCH:
                 _load(client, reporter, operation.to_model, "loading", "Step 2: Loading {model}...")
                 _verify(client, operation.to_model)
-    except (Stalled, BackendError) as exc:
-        _fail(reporter, exc)
-    else:
-        _succeed(reporter)
+        except (Stalled, BackendError) as exc:
+            _fail(reporter, exc, client)
+        else:
+            _succeed(reporter)
 
 
 @contextmanager
@@ -197,9 +225,13 @@ def _load(client: TabbyClient, reporter: Reporter, model: str, step: str, templa
     text = template.format(model=model)
     reporter.start_load(model)
     reporter.report(step, 40, text)
-    for event in watched(client.load(model), settings.GANTRY_SWITCH_TIMEOUT, reporter.beat):
-        if event["model_type"] == "model":
-            reporter.report(step, 40 + 60 * event["module"] / max(event["modules"], 1), text, event["module"], event["modules"])
+    try:
+        for event in watched(client.load(model), settings.GANTRY_SWITCH_TIMEOUT, reporter.beat):
+            if event["model_type"] == "model":
+                reporter.report(step, 40 + 60 * event["module"] / max(event["modules"], 1), text, event["module"], event["modules"])
+    except Stalled as exc:
+        exc.model = model
+        raise
     reporter.operation.load_seconds = round(time.monotonic() - reporter.load_started, 3)
 
 
@@ -219,30 +251,44 @@ def _succeed(reporter: Reporter) -> None:
         model_ready.send(sender=Backend, backend_id=op.backend_id, model=op.to_model)
 
 
-def _fail(reporter: Reporter, exc: Exception) -> None:
+def _fail(reporter: Reporter, exc: Exception, client: TabbyClient) -> None:
     op = reporter.operation
     op.error = getattr(exc, "message", None) or str(exc)
-    op.error_kind = "stalled" if isinstance(exc, Stalled) else "unreachable" if isinstance(exc, BackendUnavailable) else "failed"
+    op.error_kind = (
+        "stalled"
+        if isinstance(exc, Stalled)
+        else "unreachable" if isinstance(exc, BackendUnavailable) else "key" if isinstance(exc, BackendAuthError) else "failed"
+    )
     op.save(update_fields=["error", "error_kind"])
     log.warning("%s failed: %s", op, op.error)
     reporter.report("failed", op.percent, f"✗ {op.error}")
-    restored = _roll_back(reporter)
-    _finish(op, Operation.Status.FAILED, active=restored)
+    # After a stall TabbyAPI goes on loading, and would load the previous model only after that load:
+    # a rollback would wait behind it, then undo it. The load is followed to its end instead.
+    stalled = exc if isinstance(exc, Stalled) else None
+    restored = ""
+    if stalled is None:
+        try:
+            restored = _roll_back(reporter, client)
+        except Stalled as again:
+            stalled = again
+    _finish(op, Operation.Status.FAILED, active=restored, abandoned=stalled.model if stalled else "")
     if restored:
         model_ready.send(sender=Backend, backend_id=op.backend_id, model=restored)
+    if stalled is not None:
+        _follow(stalled, op.backend_id)
 
 
-def _roll_back(reporter: Reporter) -> str:
-    """Load the previous model again; return its name, or "" when that was not possible."""
+def _roll_back(reporter: Reporter, client: TabbyClient) -> str:
+    """Load the previous model again; return its name, or "" when that was not possible (Stalled: the
+    rollback's own load stalled)."""
     op = reporter.operation
     previous = op.from_model
     if not (settings.GANTRY_ROLLBACK_ON_FAILURE and previous and op.kind == Operation.Kind.SWITCH and previous != op.to_model):
         return ""
     try:
-        with admin_client() as client:
-            _load(client, reporter, previous, "rolling_back", "Loading the previous model, {model}, again...")
-            _verify(client, previous)
-    except (Stalled, BackendError) as exc:
+        _load(client, reporter, previous, "rolling_back", "Loading the previous model, {model}, again...")
+        _verify(client, previous)
+    except BackendError as exc:
         log.warning("Rolling back to %s failed: %s", previous, exc)
         return ""
     op.rolled_back = True
@@ -250,23 +296,53 @@ def _roll_back(reporter: Reporter) -> str:
     return previous
 
 
-def _finish(op: Operation, status: str, active: str) -> None:
+def _follow(stalled: Stalled, backend_id: int) -> None:
+    """Read the stalled load's stream to its end (the Models tab says TabbyAPI still loads, and switches
+    are refused meanwhile), then take the state from TabbyAPI."""
+
+    def beat() -> None:
+        Backend.objects.filter(pk=backend_id, abandoned_load=stalled.model).update(abandoned_beat=timezone.now())
+
+    try:
+        for _ in stalled.follow(beat):
+            pass
+    except BackendError as exc:
+        log.warning("TabbyAPI's load of %s, which a switch stopped waiting for, ended: %s", stalled.model, exc.message)
+    else:
+        log.info("TabbyAPI's load of %s, which a switch stopped waiting for, has finished", stalled.model)
+    end_abandoned_load(stalled.model)
+
+
+def _finish(op: Operation, status: str, active: str, abandoned: str = "") -> None:
+    """End the operation and set the backend's state from how it ended. `abandoned`: a model TabbyAPI
+    still loads after the operation stopped waiting for it."""
+    now = timezone.now()
+    unreachable = status == Operation.Status.FAILED and op.error_kind == "unreachable" and not active
+    # TabbyAPI's refusal of Gantry's key or its absence is the trouble the Models tab shows, as a check's.
+    trouble = {"unreachable": Backend.Trouble.UNREACHABLE, "key": Backend.Trouble.KEY}.get(op.error_kind, Backend.Trouble.NONE)
+    if trouble == Backend.Trouble.UNREACHABLE and active:
+        trouble = Backend.Trouble.NONE  # the rollback reached it
     with transaction.atomic():
         backend = Backend.objects.select_for_update().get(pk=op.backend_id)
-        op.status, op.finished = status, timezone.now()
+        op.status, op.finished = status, now
         op.save(update_fields=["status", "finished", "load_seconds", "heartbeat"])
         backend.active_model = active
         backend.target_model = ""
         backend.operation = None
-        if active:
-            backend.state = Backend.State.READY
-        else:
-            backend.state = (
-                Backend.State.UNLOADED
-                if status == Operation.Status.SUCCEEDED or op.error_kind != "unreachable"
-                else Backend.State.FAILED
-            )
-        backend.save(update_fields=["state", "active_model", "target_model", "operation", "updated"])
+        backend.state = Backend.State.READY if active else Backend.State.UNREACHABLE if unreachable else Backend.State.UNLOADED
+        backend.trouble = trouble if status == Operation.Status.FAILED else Backend.Trouble.NONE
+        backend.trouble_text = op.error if backend.trouble else ""
+        backend.abandoned_load = abandoned
+        backend.abandoned_since = backend.abandoned_beat = now if abandoned else None
+        backend.checked_at = now
+        # What Gantry did itself is certain; the watchers check while it is not (unreachable, a load left running).
+        backend.doubt_until = None
+        backend.save(
+            update_fields=[
+                "state", "active_model", "target_model", "operation", "trouble", "trouble_text",
+                "abandoned_load", "abandoned_since", "abandoned_beat", "checked_at", "doubt_until", "updated",
+            ]
+        )
     announce_state(backend)
 
 

@@ -1,40 +1,65 @@
-"""Backends and their models: the TabbyAPI client from settings, the model list, state broadcasts."""
+"""Backends and their models: the TabbyAPI client from settings, the model list and state, broadcasts.
+
+The state is TabbyAPI's (what `GET /v1/model` says), kept in the database: `sync_models` takes the list
+and the state; `check_backend` is the watchers' light check (models_admin.watcher), which syncs only when
+TabbyAPI's answer differs from the record. A failure to ask is recorded too (`trouble`): an unreachable
+server closes the chat's gate; a refused key is shown to admins with the setting to fix.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import weakref
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import yaml
 from django.conf import settings
 from django.db import transaction
-from django.db.models import OuterRef, Subquery
+from django.db.models import OuterRef, Q, Subquery
 from django.utils import timezone
 
+from gantry.background import in_thread
 from gantry.broadcast import CHAT_GROUP, MODELS_GROUP, ModelListEvent, ModelStateEvent, broadcast
 from models_admin.models import Backend, LanguageModel, Operation
-from models_admin.signals import model_ready
+from models_admin.signals import model_ready, model_unavailable
 from models_admin.tabby_client import TabbyClient, TabbyConfig
-from models_admin.tabby_errors import BackendError
+from models_admin.tabby_errors import BackendAuthError, BackendError, BackendUnavailable, sentence
+
+log = logging.getLogger(__name__)
+WATCH_EVERY = 1.0  # seconds between the watchers' checks while the state is in doubt or messages wait
+PAGE_CHECK_AFTER = 5.0  # seconds after a check when a page's view asks for another
 
 
-def tabby_config() -> TabbyConfig:
-    """TabbyAPI's address and keys: the settings, else the server's own api_tokens.yml."""
+def tabby_config(quick: bool = False) -> TabbyConfig:
+    """TabbyAPI's address and keys: the settings, else the server's own api_tokens.yml. `quick` waits at
+    most TABBY_CHECK_TIMEOUT for an answer (checks, refreshes and what pages ask for)."""
     api_key, admin_key = settings.TABBY_API_KEY, settings.TABBY_ADMIN_KEY
+    file_api_key = file_admin_key = ""
     if (not api_key or not admin_key) and settings.TABBY_TOKENS_FILE:
         path = Path(settings.TABBY_TOKENS_FILE)
         file_api_key, file_admin_key = _tokens(path, path.stat().st_mtime_ns)
-        api_key, admin_key = api_key or file_api_key, admin_key or file_admin_key
+    read_timeout = settings.TABBY_CHECK_TIMEOUT if quick else settings.TABBY_READ_TIMEOUT
     return TabbyConfig(
         base_url=settings.TABBY_HOST,
-        api_key=api_key,
-        admin_key=admin_key,
-        connect_timeout=settings.TABBY_CONNECT_TIMEOUT,
-        read_timeout=settings.TABBY_READ_TIMEOUT,
+        api_key=api_key or file_api_key,
+        admin_key=admin_key or file_admin_key,
+        connect_timeout=min(settings.TABBY_CONNECT_TIMEOUT, read_timeout),
+        read_timeout=read_timeout,
+        admin_key_fix=_key_fix("TABBY_ADMIN_KEY", "admin_key", from_file=not admin_key and bool(file_admin_key)),
+        api_key_fix=_key_fix("TABBY_API_KEY", "api_key", from_file=not api_key and bool(file_api_key)),
     )
+
+
+def _key_fix(setting: str, field: str, from_file: bool) -> str:
+    """How to fix a key TabbyAPI refuses: the end of the error's sentence, naming the setting."""
+    where = f"the api_tokens.yml of the TabbyAPI at {settings.TABBY_HOST}"
+    if from_file:
+        return f"Gantry read it from TABBY_TOKENS_FILE ({settings.TABBY_TOKENS_FILE}): point that setting at {where}, or set {setting} to its {field}"
+    return f"set {setting} to the {field} in {where}"
 
 
 @functools.lru_cache(maxsize=4)
@@ -61,9 +86,9 @@ def answer_client() -> TabbyClient:
     return client
 
 
-def admin_client() -> TabbyClient:
-    """A client for admin calls (close it: use as `with`)."""
-    return TabbyClient(tabby_config())
+def admin_client(quick: bool = False) -> TabbyClient:
+    """A client for admin calls (close it: use as `with`); `quick`: see tabby_config."""
+    return TabbyClient(tabby_config(quick))
 
 
 def default_backend(locked: bool = False) -> Backend:
@@ -76,37 +101,173 @@ def default_backend(locked: bool = False) -> Backend:
 def sync_models(strict: bool = False) -> Backend:
     """Take the model list and the loaded model from TabbyAPI (the truth is TabbyAPI's, not ours).
 
-    When TabbyAPI cannot be asked, what Gantry knew stays; `strict` raises the BackendError instead.
+    Each answer is waited for at most TABBY_CHECK_TIMEOUT. When TabbyAPI cannot be asked, the failure is
+    recorded for admins (an unreachable server also closes the chat's gate) and the rest of what Gantry
+    knew stays; `strict` raises the BackendError too.
     """
     backend = default_backend()
     seen = backend.updated
     try:
-        with admin_client() as client:
-            names = [card["id"] for card in client.list_models()]
-            card = client.current_model()
-    except BackendError:
+        with admin_client(quick=True) as client:
+            # Asked with the key answers use: what chat can be served, whatever becomes of the admin key.
+            card = client.current_model(key="api")
+            names, admin_key_refused = _folders(client)
+    except BackendError as exc:
+        backend = record_trouble(exc)
         if strict:
             raise
         return backend
-    changed = _record_models(backend, names)
+    changed = _record_models(backend, names) if admin_key_refused is None else False
+    backend = _record_state(backend, seen, card["id"] if card else "", admin_key_refused)
+    if changed:
+        broadcast(MODELS_GROUP, ModelListEvent(type="model.list", models=model_rows(backend)))
+    if admin_key_refused is not None and strict:
+        raise admin_key_refused
+    return backend
+
+
+def _folders(client: TabbyClient) -> tuple[list[str], BackendAuthError | None]:
+    """The model folders as the admin key sees them; or, when TabbyAPI refuses that key or it is only one
+    of its API keys (which see only the loaded model, so every other would look unknown), the error."""
+    try:
+        names = [card["id"] for card in client.list_models()]
+        if client.admin_key_permission() != "api":
+            return names, None
+    except BackendAuthError as exc:
+        return [], exc
+    return [], BackendAuthError(
+        sentence(
+            "The admin key Gantry uses is one of TabbyAPI's API keys, without admin rights (TabbyAPI shows it only "
+            f"the loaded model and refuses its loads and unloads); {client.config.admin_key_fix}"
+        ),
+        None,
+        "admin",
+    )
+
+
+def _record_state(backend: Backend, seen: datetime, loaded: str, key_refused: BackendAuthError | None = None) -> Backend:
+    """Record what TabbyAPI has loaded (it answered) and whether it refused the admin key; announce what
+    changed, and move held messages."""
+    now = timezone.now()
     with transaction.atomic():
         backend = Backend.objects.select_for_update().get(pk=backend.pk)
         before = backend.as_event()
+        came_back = backend.state in (Backend.State.UNREACHABLE, Backend.State.FAILED) or bool(backend.trouble)
+        backend.trouble = Backend.Trouble.KEY if key_refused else Backend.Trouble.NONE
+        backend.trouble_text = key_refused.message if key_refused else ""
+        backend.refreshed_at = backend.checked_at = now
+        fields = ["trouble", "trouble_text", "refreshed_at", "checked_at", "updated"]
         # A running operation owns the state until it ends; one that began or ended while TabbyAPI was
-        # being asked has made that answer stale (the next refresh takes a fresh one).
+        # being asked has made that answer stale (the next check takes a fresh one).
         if not backend.is_busy and backend.updated == seen:
-            backend.active_model = card["id"] if card else ""
-            backend.state = Backend.State.READY if card else Backend.State.UNLOADED
-            backend.refreshed_at = timezone.now()
-            backend.save(update_fields=["active_model", "state", "refreshed_at", "updated"])
+            if loaded:
+                backend.doubt_until = None
+                # A model is there: no load runs any more.
+                backend.abandoned_load, backend.abandoned_since, backend.abandoned_beat = "", None, None
+            elif backend.state != Backend.State.UNLOADED or came_back:
+                # Nothing loaded, and not by Gantry's doing: TabbyAPI looks the same while a load runs
+                # (one started at its start, or directly), so watch closely for a while.
+                backend.doubt_until = now + timedelta(seconds=settings.GANTRY_REFRESH_INTERVAL)
+            backend.state = Backend.State.READY if loaded else Backend.State.UNLOADED
+            backend.active_model = loaded
+            fields += ["state", "active_model", "doubt_until", "abandoned_load", "abandoned_since", "abandoned_beat"]
+        backend.save(update_fields=fields)
     if backend.as_event() != before:
         announce_state(backend)
     if backend.is_ready:
         # Held messages (and answers orphaned by a dead process) wait for exactly this.
         model_ready.send(sender=Backend, backend_id=backend.pk, model=backend.active_model)
-    if changed:
-        broadcast(MODELS_GROUP, ModelListEvent(type="model.list", models=model_rows(backend)))
     return backend
+
+
+def record_trouble(exc: BackendError) -> Backend:
+    """Record that TabbyAPI could not be asked, and why, for admins. An unreachable server also closes the
+    chat's gate (messages are held until it answers again) unless an operation owns the state."""
+    kind = (
+        Backend.Trouble.UNREACHABLE
+        if isinstance(exc, BackendUnavailable)
+        else Backend.Trouble.KEY if isinstance(exc, BackendAuthError) else Backend.Trouble.ANSWER
+    )
+    with transaction.atomic():
+        backend = default_backend(locked=True)
+        before, had = backend.as_event(), backend.trouble
+        backend.trouble, backend.trouble_text, backend.checked_at = kind, exc.message, timezone.now()
+        fields = ["trouble", "trouble_text", "checked_at", "updated"]
+        lost = kind == Backend.Trouble.UNREACHABLE and not backend.is_busy and backend.state != Backend.State.UNREACHABLE
+        if lost:
+            backend.state, backend.active_model = Backend.State.UNREACHABLE, ""
+            fields += ["state", "active_model"]
+        backend.save(update_fields=fields)
+    if had != kind:
+        log.warning("TabbyAPI: %s", exc.message)
+    if backend.as_event() != before:
+        announce_state(backend)
+    if lost:
+        model_unavailable.send(sender=Backend, backend_id=backend.pk)
+    return backend
+
+
+def check_backend() -> Backend:
+    """The watchers' light check: one `GET /v1/model` (at most TABBY_CHECK_TIMEOUT); a whole sync only when
+    its answer differs from the record."""
+    backend = default_backend()
+    try:
+        with admin_client(quick=True) as client:
+            card = client.current_model(key="api")
+    except BackendError as exc:
+        return record_trouble(exc)
+    loaded = card["id"] if card else ""
+    expected = Backend.State.READY if loaded else Backend.State.UNLOADED
+    # A refused admin key stays refused until the settings change: the periodic refresh tells.
+    troubled = bool(backend.trouble) and backend.trouble != Backend.Trouble.KEY
+    differs = not backend.is_busy and (backend.state, backend.active_model) != (expected, loaded)
+    if troubled or differs or backend.refreshed_at is None or (loaded and backend.abandoned_load):
+        return sync_models()
+    if backend.is_ready:
+        model_ready.send(sender=Backend, backend_id=backend.pk, model=backend.active_model)
+    return backend
+
+
+def request_check(seconds: float = 0.0) -> None:
+    """Have the watchers check TabbyAPI within a second, and every second for `seconds` more."""
+    until = timezone.now() + timedelta(seconds=max(seconds, 2 * WATCH_EVERY))
+    pending = Q(doubt_until__isnull=True) | Q(doubt_until__lt=until)
+    Backend.objects.filter(pk=default_backend().pk).filter(pending).update(doubt_until=until)
+
+
+def check_if_stale(backend: Backend) -> None:
+    """A page is about to show the model's state: have it checked within a second when nobody did for a
+    few seconds, so a newcomer sees TabbyAPI's truth at once rather than at the next refresh."""
+    if backend.checked_at is None or backend.checked_at < timezone.now() - timedelta(seconds=PAGE_CHECK_AFTER):
+        in_thread(request_check)  # a write: the page does not wait for the database's lock
+
+
+def note_nothing_loaded() -> None:
+    """TabbyAPI just refused an answer because nothing is loaded: close the gate now (held messages are not
+    sent to be refused again), and watch closely, since a load in progress looks the same."""
+    with transaction.atomic():
+        backend = default_backend(locked=True)
+        if backend.state != Backend.State.READY:
+            return
+        backend.state, backend.active_model = Backend.State.UNLOADED, ""
+        backend.doubt_until = timezone.now() + timedelta(seconds=settings.GANTRY_REFRESH_INTERVAL)
+        backend.save(update_fields=["state", "active_model", "doubt_until", "updated"])
+    announce_state(backend)
+    model_unavailable.send(sender=Backend, backend_id=backend.pk)
+
+
+def end_abandoned_load(model: str) -> Backend:
+    """The load a switch stopped waiting for has ended, or nobody follows it any more: take the state
+    from TabbyAPI, watching closely for a while (a load nobody follows may still end)."""
+    with transaction.atomic():
+        backend = default_backend(locked=True)
+        if backend.abandoned_load != model:
+            return backend  # already ended (a check found the model loaded)
+        backend.abandoned_load, backend.abandoned_since, backend.abandoned_beat = "", None, None
+        backend.doubt_until = timezone.now() + timedelta(seconds=settings.GANTRY_REFRESH_INTERVAL)
+        backend.save(update_fields=["abandoned_load", "abandoned_since", "abandoned_beat", "doubt_until", "updated"])
+    announce_state(backend)
+    return sync_models()
 
 
 def _record_models(backend: Backend, names: list[str]) -> bool:
@@ -147,6 +308,9 @@ def announce_state(backend: Backend) -> None:
         state=backend.state,
         active_model=backend.active_model or None,
         target_model=backend.target_model or None,
+        trouble=backend.trouble or None,
+        trouble_text=backend.trouble_text or None,
+        abandoned_load=backend.abandoned_load or None,
         operation_id=backend.operation_id,
     )
     broadcast(CHAT_GROUP, event)

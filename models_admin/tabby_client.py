@@ -44,6 +44,9 @@ class TabbyConfig:
     # The longest silence allowed while waiting for an answer, or between two pieces of a stream.
     # TabbyAPI pings a load stream every 15 s by default, so a slow module does not trip it.
     read_timeout: float = 300.0
+    # What to fix when TabbyAPI refuses a key: the end of the sentence (the caller knows its settings).
+    admin_key_fix: str = "check that key in Gantry's settings"
+    api_key_fix: str = "check that key in Gantry's settings"
 
 
 class ModelCard(TypedDict, total=False):
@@ -69,7 +72,9 @@ class Call:
 
 LIST_MODELS = Call("GET", "/v1/models", "admin", "list the models")
 CURRENT_MODEL = Call("GET", "/v1/model", "admin", "say which model is loaded")
+SERVED_MODEL = Call("GET", "/v1/model", "api", "say which model is loaded")
 UNLOAD = Call("POST", "/v1/model/unload", "admin", "unload the model")
+PERMISSION = Call("GET", "/v1/auth/permission", "admin", "say what the admin key may do")
 HEALTH = Call("GET", "/health", "api", "say whether it is healthy")  # needs no key
 
 
@@ -134,7 +139,7 @@ def translated_errors(config: TabbyConfig, call: Call) -> Iterator[None]:
         raise BackendUnavailable(f"The connection to {where} broke while trying to {call.action}.") from exc
 
 
-def answer_error(call: Call, response: httpx.Response) -> BackendError:
+def answer_error(config: TabbyConfig, call: Call, response: httpx.Response) -> BackendError:
     """The error for an answer that is not what `call` expects (its body must have been read)."""
     status = response.status_code
     if response.is_success:
@@ -142,10 +147,8 @@ def answer_error(call: Call, response: httpx.Response) -> BackendError:
     detail = fastapi_detail(response)
     said = detail or short_text(response)
     if status in (401, 403):
-        kind = "admin" if call.key == "admin" else "API"
-        return BackendAuthError(
-            sentence(f"TabbyAPI refused Gantry's {kind} key ({said}); check that key in Gantry's settings"), status
-        )
+        kind, fix = ("admin", config.admin_key_fix) if call.key == "admin" else ("API", config.api_key_fix)
+        return BackendAuthError(sentence(f"TabbyAPI refused Gantry's {kind} key ({said}); {fix}"), status, call.key)
     # Nothing loaded (or a load running) is a JSON 503; servers before 2025-04 sent it as a 400.
     if detail == NOTHING_LOADED or (status == 503 and detail is not None):
         return NoModelLoaded("No model is loaded in TabbyAPI right now (or one is still loading).", status)
@@ -164,9 +167,9 @@ def answer_error(call: Call, response: httpx.Response) -> BackendError:
 # Answers
 
 
-def json_answer(call: Call, response: httpx.Response) -> Any:
+def json_answer(config: TabbyConfig, call: Call, response: httpx.Response) -> Any:
     if not response.is_success:
-        raise answer_error(call, response)
+        raise answer_error(config, call, response)
     try:
         return json.loads(response.content)
     except ValueError:
@@ -243,14 +246,31 @@ class TabbyClient:
         """Every model folder on the server (the admin key sees them all)."""
         return cards_from(LIST_MODELS, self._json(LIST_MODELS))
 
-    def current_model(self) -> ModelCard | None:
+    def current_model(self, key: KeyKind = "admin") -> ModelCard | None:
+        """The loaded model's card, None when nothing is loaded; asked with the admin key, or with the API
+        key (`key="api"`: what answers, which use that key, will be served)."""
+        call = CURRENT_MODEL if key == "admin" else SERVED_MODEL
         try:
-            return card_from(CURRENT_MODEL, self._json(CURRENT_MODEL))
+            return card_from(call, self._json(call))
         except NoModelLoaded:
             return None
 
     def unload(self) -> None:
         self._json(UNLOAD)
+
+    def admin_key_permission(self) -> str | None:
+        """What TabbyAPI lets the admin key do: "admin", or "api" for a key that is only an API key; None
+        for a server without `/v1/auth/permission` (older than the endpoint), which cannot say."""
+        try:
+            data = self._json(PERMISSION)
+        except BackendBadResponse as exc:
+            if exc.status in (404, 405):
+                return None
+            raise
+        permission = data.get("permission") if isinstance(data, dict) else None
+        if not isinstance(permission, str):
+            raise odd_answer(PERMISSION, "a permission")
+        return permission
 
     def health(self) -> None:
         """Returns when the server answers `GET /health` and calls itself healthy; else raises."""
@@ -263,7 +283,7 @@ class TabbyClient:
         with translated_errors(self.config, call), self.http.stream(**request_args(self.config, call)) as response:
             if not is_event_stream(response):
                 response.read()
-                raise answer_error(call, response)
+                raise answer_error(self.config, call, response)
             for chunk in response.iter_bytes():
                 yield from reader.feed(chunk)
                 if reader.done:
@@ -273,7 +293,7 @@ class TabbyClient:
     def _json(self, call: Call) -> Any:
         with translated_errors(self.config, call):
             response = self.http.request(**request_args(self.config, call))
-        return json_answer(call, response)
+        return json_answer(self.config, call, response)
 
     # Answers
 
@@ -291,7 +311,7 @@ class TabbyClient:
             async with self.async_http.stream(**request_args(self.config, call)) as response:
                 if not is_event_stream(response):
                     await response.aread()
-                    raise answer_error(call, response)
+                    raise answer_error(self.config, call, response)
                 async with aclosing(_items(response, reader)) as items:
                     yield items
 

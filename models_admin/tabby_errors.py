@@ -33,7 +33,14 @@ class BackendUnavailable(BackendError):
 
 
 class BackendAuthError(BackendError):
-    """TabbyAPI refused the key (401/403)."""
+    """TabbyAPI refused the key (401/403), or the admin key has only an API key's rights.
+
+    `key` says which of Gantry's keys: "admin" or "api".
+    """
+
+    def __init__(self, message: str, status: int | None = None, key: str = "admin") -> None:
+        super().__init__(message, status)
+        self.key = key
 
 
 class NoModelLoaded(BackendError):

@@ -7,14 +7,16 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 
 from models_admin.models import Operation
-from models_admin.services import backend_event, default_backend, model_rows, sync_models
+from models_admin.services import backend_event, check_if_stale, default_backend, model_rows
 
 
 @staff_member_required(login_url="/login/")
 def models_tab(request: HttpRequest) -> HttpResponse:
     backend = default_backend()
-    if backend.refreshed_at is None:  # a fresh database: take TabbyAPI's list now, not at the first periodic refresh
-        backend = sync_models()
+    # What Gantry knows now; the watchers check TabbyAPI within a second (and take its list on a fresh
+    # database), and the page draws what changes from its socket. Not here: a model server that does not
+    # answer would hold the page.
+    check_if_stale(backend)
     running = backend.operation
     context = {
         "tab": "models",

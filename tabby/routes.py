@@ -8,6 +8,7 @@ exception handler; only what is HTTP's alone (keys, a client that went away) is 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -28,6 +29,8 @@ from tabby.schemas import (
     TokenDecodeRequest,
     TokenEncodeRequest,
 )
+
+log = logging.getLogger("tabby")
 
 
 def manager_of(request: Request) -> ModelManager:
@@ -126,8 +129,14 @@ async def load_model(request: Request, body: ModelLoadRequest) -> EventSourceRes
     events = manager_of(request).start_load(LoadRequest(body.model_name, options, body.backend))
 
     async def stream() -> AsyncIterator[str]:
-        while (event := await events.get()) is not None:
-            yield compact(event)
+        try:
+            while (event := await events.get()) is not None:
+                yield compact(event)
+        except asyncio.CancelledError:
+            # As TabbyAPI: the load is a task of its own and keeps the load lock until it ends, so a load
+            # asked for meanwhile waits behind it (a client that gave up must watch for that end).
+            log.warning("Model load request disconnected. The load will continue.")
+            raise
 
     return EventSourceResponse(stream(), ping=config.network.sse_ping_interval)
 

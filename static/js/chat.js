@@ -157,8 +157,9 @@
   }
 
   let modelState = JSON.parse(document.getElementById("model-state").textContent);
-  // The banner: "Model loading... (Loading X, 63%)" during a switch, "Model not available" when
-  // nothing is loaded; messages sent meanwhile are held and answered when the model is ready.
+  // The banner: "Model loading... (Loading X, 63%)" during a switch, "Model server unreachable" when
+  // TabbyAPI does not answer, "Model not available" when nothing is loaded; messages sent meanwhile are
+  // held and answered when the model is ready.
   let loadingPercent = null;
   function drawModel(state) {
     if (state.state !== "switching") loadingPercent = null;
@@ -168,6 +169,15 @@
       const detail = state.target_model
         ? " (Loading " + state.target_model + (loadingPercent === null ? "" : ", " + loadingPercent + "%") + ")" : "";
       banner.textContent = "Model loading..." + detail;
+      banner.className = "banner loading";
+      banner.hidden = false;
+    } else if (state.state === "unreachable") {
+      banner.textContent = "Model server unreachable";
+      banner.className = "banner unavailable";
+      banner.hidden = false;
+    } else if (state.abandoned_load && state.state !== "ready") {
+      // A switch stopped waiting, but the model server goes on loading: held messages wait for that load.
+      banner.textContent = "Model loading... (Loading " + state.abandoned_load + ")";
       banner.className = "banner loading";
       banner.hidden = false;
     } else if (state.state !== "ready" || !state.active_model) {

@@ -9,6 +9,8 @@
   const rowTemplate = document.getElementById("model-row-template");
   const noModels = document.getElementById("no-models");
   const noModel = document.getElementById("no-model");
+  const trouble = document.getElementById("trouble");
+  const abandoned = document.getElementById("abandoned");
   const unloadButton = document.getElementById("unload-button");
   const refreshButton = document.getElementById("refresh-button");
   const refreshed = document.getElementById("refreshed");
@@ -32,6 +34,9 @@
   }
 
   const busy = () => state.state === "switching" || state.state === "unloading";
+  // TabbyAPI still loads a model a switch stopped waiting for: no switch or unload until that load ends.
+  const held = () => busy() || Boolean(state.abandoned_load);
+  let listed = rowsBody.rows.length > 0;
 
   // Rows
 
@@ -43,6 +48,7 @@
     let status = active ? "Active" : "";
     if (state.state === "switching" && state.target_model === name) status = "Loading...";
     if (state.state === "unloading" && state.active_model === name) status = "Unloading...";
+    if (state.abandoned_load === name) status = "Still loading in TabbyAPI...";
     row.querySelector(".status-cell").textContent = status;
     row.querySelector(".switch").hidden = active;
   }
@@ -54,15 +60,32 @@
       row.querySelector(".model-id").textContent = model.name;
       return row;
     }));
-    noModels.hidden = models.length > 0;
+    listed = models.length > 0;
     drawControls();
+  }
+
+  // Why TabbyAPI could not be asked the last time (the sentence names what to fix).
+  function troubleText() {
+    if (state.trouble === "unreachable") {
+      return "Model server unreachable: " + state.trouble_text + " Chat holds new messages until it answers again.";
+    }
+    if (state.trouble === "answer") return "TabbyAPI's last answer could not be used: " + state.trouble_text;
+    return state.trouble_text || "";
   }
 
   function drawControls() {
     Array.from(rowsBody.rows).forEach(drawRow);
-    noModel.hidden = busy() || Boolean(state.active_model);
-    rowsBody.querySelectorAll(".switch").forEach((button) => { button.disabled = busy(); });
-    unloadButton.disabled = busy() || !state.active_model;
+    trouble.textContent = state.trouble ? troubleText() : "";
+    trouble.hidden = !state.trouble;
+    abandoned.textContent = state.abandoned_load
+      ? "TabbyAPI is still loading " + state.abandoned_load + ": a switch stopped waiting for it, but TabbyAPI goes on " +
+        "with that load and can load nothing else until it ends. You can switch again once it ends; this page shows when."
+      : "";
+    abandoned.hidden = !state.abandoned_load;
+    noModels.hidden = listed || Boolean(state.trouble);
+    noModel.hidden = busy() || Boolean(state.active_model || state.trouble || state.abandoned_load);
+    rowsBody.querySelectorAll(".switch").forEach((button) => { button.disabled = held(); });
+    unloadButton.disabled = held() || !state.active_model;
     refreshButton.disabled = busy();
   }
 
@@ -75,6 +98,7 @@
     let text = kind === "unload" ? "Failed to unload the model." : "Failed to switch model to " + target + ".";
     if (reason) text += " Reason: " + reason.replace(/\.?\s*$/, ".");
     if (restored) text += " The previous model, " + restored + ", was loaded again, so chat keeps working.";
+    else if (restored === null && state.abandoned_load) text += " TabbyAPI goes on loading " + state.abandoned_load + " (below).";
     else if (restored === null) text += " No model is loaded now: chat shows 'Model not available' until you switch to one.";
     return text;
   }
@@ -187,7 +211,9 @@
       drawRows((await api("POST", "/api/admin/models/refresh")).models);
       refreshed.textContent = "List refreshed at " + new Date().toLocaleTimeString();
     } catch (error) {
-      showError(error.message);
+      const data = error.data || {};
+      if (data.models) drawRows(data.models);
+      showError(data.reason ? error.message + " " + data.reason : error.message);
     } finally {
       drawControls();
     }
@@ -209,18 +235,19 @@
     live.classList.toggle("on", on);
   }
 
-  function connect(again) {
+  function connect() {
     const scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
     const socket = new WebSocket(scheme + window.location.host + "/ws/models/");
     socket.addEventListener("open", () => {
       setLive(true);
-      // Events were missed while the socket was down: take the list again (the state comes by itself).
-      if (again) api("GET", "/api/admin/models").then((data) => drawRows(data.models)).catch(() => {});
+      // Events may have been missed before the socket opened (or while it was down): take the list again
+      // (the state comes by itself).
+      api("GET", "/api/admin/models").then((data) => drawRows(data.models)).catch(() => {});
     });
     socket.addEventListener("message", (event) => onEvent(JSON.parse(event.data)));
     socket.addEventListener("close", (event) => {
       setLive(false);
-      if (!window.gantry.sessionEnded(event)) setTimeout(() => connect(true), 1500);
+      if (!window.gantry.sessionEnded(event)) setTimeout(connect, 1500);
     });
   }
 
@@ -230,5 +257,5 @@
     drawProgress({ operation_id: running.id, step: running.step, percent: running.percent, text: running.text, module: 0, modules: 0 });
   }
   drawState(state);
-  connect(false);
+  connect();
 })();

@@ -3,17 +3,20 @@ them side by side, reading what Gantry recorded (the site's database), checking 
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, closing, contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 
 from harness.site import Site
-from harness.tabby_server import TabbyServer
+from harness.tabby_server import TabbyServer, free_port, run_tabby
 
 T = TypeVar("T")
 
@@ -86,7 +89,8 @@ def disagreement(site: Site, admin: httpx.Client, tabby: TabbyServer | None) -> 
     listed = admin.get("/api/admin/models")
     assert listed.status_code == 200, listed.text
     active = [model["id"] for model in listed.json()["models"] if model["active"]]
-    states = {"ready"} if served else {"unloaded", "failed"}
+    # No server to ask (`tabby` None): Gantry must say it cannot reach it, not that nothing is loaded.
+    states = {"ready"} if served else {"unloaded", "failed"} if tabby is not None else {"unreachable"}
     if (
         running
         or recorded["state"] not in states
@@ -107,3 +111,38 @@ def wait_until(check: Callable[[], T], timeout: float, what: str) -> T:
         if time.monotonic() > deadline:
             raise AssertionError(f"Waited {timeout:g} s for {what}.")
         time.sleep(0.1)
+
+
+class RestartableTabby:
+    """A model server on one port that a test stops, freezes (SIGSTOP) and starts again, each start with
+    the config it is given (the site keeps pointing at the same address)."""
+
+    def __init__(self, workdir: Path, model_dir: Path) -> None:
+        self.workdir, self.model_dir = workdir, model_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server: TabbyServer | None = None
+        self._running: ExitStack | None = None
+
+    def start(self, config: dict[str, Any]) -> TabbyServer:
+        """Start it (waiting for /health, not for a model to load) unless it runs."""
+        if self.server is None:
+            with ExitStack() as stack:
+                self.server = stack.enter_context(run_tabby(self.workdir, self.model_dir, config=config, port=self.port))
+                self._running = stack.pop_all()
+        return self.server
+
+    def stop(self) -> None:
+        """Stop it as an operator does (SIGINT, then wait for it to exit)."""
+        if self._running is not None:
+            self.thaw()
+            self._running.close()
+        self.server, self._running = None, None
+
+    def freeze(self) -> None:
+        assert self.server is not None
+        os.kill(self.server.process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.server is not None and self.server.process.poll() is None:
+            os.kill(self.server.process.pid, signal.SIGCONT)

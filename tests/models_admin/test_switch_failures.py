@@ -256,7 +256,7 @@ def test_a_switch_or_unload_while_tabbyapi_is_unreachable_is_502(unreachable_sit
         operation = operations(site)[0]
         assert (operation["id"], operation["status"], operation["error_kind"]) == (body["operation_id"], "failed", "unreachable")
         assert operation["error"] == body["reason"]
-        assert backend(site)["state"] == "failed"
+        assert backend(site)["state"] == "unreachable"
         assert_agrees(site, admin, None)
 
         unloaded = admin.post("/api/admin/models/unload")

@@ -261,6 +261,37 @@ async def test_it_returns_the_card_of_the_loaded_model() -> None:
     assert await call(server.transport(), "current_model") == card
 
 
+# What the admin key may do
+
+
+@pytest.mark.parametrize("number, permission", [(3, "api"), (4, "admin"), (6, "admin"), (71, "admin")])
+async def test_it_asks_tabbyapi_what_the_admin_key_may_do(number: int, permission: str) -> None:
+    server = replaying(number)
+    assert await call(server.transport(), "admin_key_permission") == permission
+    request = server.requests[0]
+    assert (request.method, request.url.path) == ("GET", "/v1/auth/permission")
+    assert request.headers["authorization"] == "Bearer test-admin-key"
+
+
+async def test_a_server_without_the_permission_endpoint_cannot_say() -> None:
+    assert await call(replaying(59).transport(), "admin_key_permission") is None
+
+
+@pytest.mark.parametrize("number", [9, 10])
+async def test_a_refused_admin_key_is_an_auth_error_that_says_which_setting_to_fix(number: int) -> None:
+    config = TabbyConfig(CONFIG.base_url, "test-api-key", "wrong-key", admin_key_fix="set TABBY_ADMIN_KEY to the admin_key")
+    error = await fails(replaying(number), "admin_key_permission", error=BackendAuthError, config=config)
+    assert isinstance(error, BackendAuthError) and (error.status, error.key) == (401, "admin")
+    assert error.message == f"TabbyAPI refused Gantry's admin key ({what_tabby_said(number)[0]}); set TABBY_ADMIN_KEY to the admin_key."
+
+
+async def test_a_refused_api_key_names_the_api_key_setting() -> None:
+    config = TabbyConfig(CONFIG.base_url, "", "test-admin-key", api_key_fix="set TABBY_API_KEY to an api_key")
+    error = await fails(replaying(49), "open_chat", HELLO, error=BackendAuthError, config=config)
+    assert isinstance(error, BackendAuthError) and error.key == "api"
+    assert error.message == "TabbyAPI refused Gantry's API key (Please provide an API key); set TABBY_API_KEY to an api_key."
+
+
 # Loading
 
 

@@ -8,6 +8,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from models_admin import operations
 from models_admin.models import Operation
+from models_admin.tabby_errors import BackendAuthError
 
 
 class Command(BaseCommand):
@@ -23,6 +24,8 @@ class Command(BaseCommand):
             raise CommandError(f"There is no model named {name}.") from None
         except operations.OperationConflict as exc:
             raise CommandError(f"Another operation is running ({exc.running}); try again when it ends.") from None
+        except (BackendAuthError, operations.StillLoading) as exc:
+            raise CommandError(exc.message) from None
         if operation is None:
             self.stdout.write(f"{name} is already the active model.")
             return

@@ -8,6 +8,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from models_admin import operations
 from models_admin.models import Operation
+from models_admin.tabby_errors import BackendAuthError
 
 
 class Command(BaseCommand):
@@ -18,6 +19,8 @@ class Command(BaseCommand):
             operation = operations.request_unload(None, Operation.Source.COMMAND)
         except operations.OperationConflict as exc:
             raise CommandError(f"Another operation is running ({exc.running}); try again when it ends.") from None
+        except (BackendAuthError, operations.StillLoading) as exc:
+            raise CommandError(exc.message) from None
         if operation is None:
             self.stdout.write("No model is loaded.")
             return
