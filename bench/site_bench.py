@@ -205,7 +205,11 @@ def main() -> None:
         with run_tabby(Path(workdir) / "tabby-tiny", DEMO_MODELS, config={"model": {"model_name": TINY}}) as tabby:
             wait_loaded(tabby, TINY)
             # All 100 at once, as the direct baseline does (the default lets 8 run and queues the rest).
-            crowd_env = {"GANTRY_MAX_ANSWER_TOKENS": str(CROWD_TOKENS), "GANTRY_MAX_CONCURRENT_GENERATIONS": str(CROWD)}
+            crowd_env = {
+                "GANTRY_MAX_ANSWER_TOKENS": str(CROWD_TOKENS),
+                "GANTRY_MAX_CONCURRENT_GENERATIONS": str(CROWD),
+                "GANTRY_MAX_SOCKETS_PER_USER": str(CROWD),  # one person's hundred pages: the relay is measured, not the cap
+            }
             with run_site(Path(workdir) / "site-crowd", tabby.url, extra_env=crowd_env) as site:
                 asyncio.run(crowd(tabby, site))
 

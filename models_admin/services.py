@@ -276,8 +276,9 @@ def _record_models(backend: Backend, names: list[str]) -> bool:
     for name in names:
         model = known.get(name)
         if model is None:
-            LanguageModel.objects.create(backend=backend, name=name)
-            changed = True
+            # Two processes (or a refresh and a watcher's check) may find the same new folder at once.
+            _, created = LanguageModel.objects.get_or_create(backend=backend, name=name)
+            changed = changed or created
         elif not model.present:
             model.present = True
             model.save(update_fields=["present", "last_seen"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import gc
 import os
 import sysconfig
 from collections.abc import Iterable, Iterator
@@ -77,10 +78,23 @@ def _comment_blocks(source: str) -> Iterator[str]:
 def _file_texts(path: Path) -> list[str]:
     try:
         source = path.read_text(encoding="utf-8")
-        tree = ast.parse(source)
+        tree = _parse(source)
     except (OSError, UnicodeDecodeError, SyntaxError, ValueError, RecursionError):
         return []
     return [*_docstrings(tree), *_comment_blocks(source)]
+
+
+def _parse(source: str) -> ast.Module:
+    # CPython 3.11 miscounts the AST builder's recursion depth when a garbage collection runs finalizers
+    # in the middle of a parse ("SystemError: AST constructor recursion depth mismatch"), as it can in a
+    # long-lived process full of other work: no collection while a file is parsed.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return ast.parse(source)
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @lru_cache(maxsize=1)  # reading the sources is the slow part of training; it never changes

@@ -202,7 +202,7 @@ for n in range({count}):
     user = get_user_model().objects.create_user(f"person-{{n}}")
     login = Store()
     login[SESSION_KEY] = str(user.pk)
-    login[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
+    login[BACKEND_SESSION_KEY] = settings.AUTHENTICATION_BACKENDS[0]
     login[HASH_SESSION_KEY] = user.get_session_auth_hash()
     login.create()
     print("person", login.session_key, Conversation.objects.create(owner=user).pk)
