@@ -57,6 +57,15 @@ def end_sessions(user_id: int, session_key: str | None = None) -> None:
 from gantry.parsers import loads
 
 
+# This process's open pages, by page: someone is looking at the model's state (see models_admin.watcher).
+_open_pages: dict[str, int] = {}
+
+
+def pages_open() -> int:
+    """How many pages (chat, Admin Dashboard) have a socket open to this process."""
+    return sum(_open_pages.values())
+
+
 class EventConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     """A page's socket: admitted as the module says, then forwarding the broadcast events named in
     `forwarded` to its page.
@@ -142,11 +151,13 @@ class EventConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         if not self._counted:
             self._counted = True
             WEBSOCKETS.labels(self.page).inc()
+            _open_pages[self.page] = _open_pages.get(self.page, 0) + 1
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
         if self._counted:
             self._counted = False
             WEBSOCKETS.labels(self.page).dec()
+            _open_pages[self.page] -= 1
         await super().websocket_disconnect(message)
 
     async def dispatch(self, message: dict[str, Any]) -> None:

@@ -1,7 +1,9 @@
-"""The watcher: every web process checks TabbyAPI's state every second while something waits or the
-state is in doubt, and leaves it to the periodic refresh (GANTRY_REFRESH_INTERVAL) otherwise.
+"""The watcher: every web process checks TabbyAPI's state every second while something waits, someone
+looks or the state is in doubt, and leaves it to the periodic refresh (GANTRY_REFRESH_INTERVAL) otherwise.
 
-Something waits: held messages (counted by the apps that hold them, through signals.count_waiting). In
+Something waits: held messages (counted by the apps that hold them, through signals.count_waiting).
+Someone looks: a page (chat or Admin Dashboard) has its socket open to this process, and its banner must
+say within seconds that the model server went away or came back, though nobody has sent anything. In
 doubt (Backend.is_in_doubt): TabbyAPI unreachable, an operation that was interrupted, a load a switch
 stopped waiting for, or a while after a change Gantry cannot explain (nothing loaded, which is also how a
 load in progress looks; a process that just started; the server back after being unreachable).
@@ -21,6 +23,7 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
+from gantry.sockets import pages_open
 from models_admin.models import Backend
 from models_admin.services import WATCH_EVERY, check_backend, default_backend, end_abandoned_load
 from models_admin.signals import waiting_messages
@@ -37,7 +40,7 @@ def watch_round() -> float:
         log.warning("No process follows TabbyAPI's load of %s any more; taking the state from TabbyAPI", backend.abandoned_load)
         end_abandoned_load(backend.abandoned_load)
         return WATCH_EVERY
-    if (backend.is_in_doubt or waiting_messages()) and _claim(backend):
+    if (backend.is_in_doubt or pages_open() or waiting_messages()) and _claim(backend):
         check_backend()
     return WATCH_EVERY
 

@@ -172,6 +172,27 @@ async def test_an_unreachable_model_server_shows_within_five_seconds_and_its_ret
         assert disagreement(site, admin, back) is None
 
 
+async def test_an_open_page_learns_within_five_seconds_that_the_model_server_went_away_and_came_back(
+    site: Site, tabby: TabbyServer, model_server: RestartableTabby
+) -> None:
+    """Nothing is sent and nothing waits: someone only looks at the chat page, whose banner must tell."""
+    with site.session(MEMBER) as member:
+        conversation = new_conversation(member)
+        async with site.socket(f"/ws/chat/{conversation}/", member) as socket:
+            await receive_until(socket, state_is("ready"))
+            model_server.stop()
+            stopped_at = time.monotonic()
+            await receive_until(socket, state_is("unreachable"), timeout=10)
+            gone_after = time.monotonic() - stopped_at
+            back = model_server.start(QUICK_START)
+            wait_loaded(back, TINY)
+            back_at = time.monotonic()
+            await receive_until(socket, state_is("ready", TINY), timeout=10)
+            back_after = time.monotonic() - back_at
+    assert gone_after < 5.0
+    assert back_after < 5.0
+
+
 async def test_a_model_unloaded_directly_on_tabbyapi_holds_the_next_message_until_a_model_is_back(
     site: Site, tabby: TabbyServer
 ) -> None:
