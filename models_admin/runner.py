@@ -132,32 +132,38 @@ def watched(events: Iterator[T], timeout: float, beat: Callable[[], None]) -> It
         if left <= 0:
             seconds = f"{timeout:.0f} second{'' if round(timeout) == 1 else 's'}"
             raise Stalled(f"The model server made no progress for {seconds}.", lambda beat: _drained(inbox, beat))
-        try:
-            kind, value = inbox.get(timeout=min(1.0, left))
-        except queue.Empty:
-            beat()
-            continue
-        if kind == "end":
+        ended, value = _take(inbox, min(1.0, left), beat)
+        if ended:
             return
-        if kind == "error":
-            raise value
-        last = time.monotonic()
-        yield value
+        if value is not _SILENCE:
+            last = time.monotonic()
+            yield value
 
 
 def _drained(inbox: queue.Queue[tuple[str, Any]], beat: Callable[[], None]) -> Iterator[Any]:
     """The events still to come from a load's pump, to its end, with `beat` every second meanwhile."""
     while True:
-        try:
-            kind, value = inbox.get(timeout=1.0)
-        except queue.Empty:
-            beat()
-            continue
-        if kind == "end":
+        ended, value = _take(inbox, 1.0, beat)
+        if ended:
             return
-        if kind == "error":
-            raise value
-        yield value
+        if value is not _SILENCE:
+            yield value
+
+
+_SILENCE = object()  # what `_take` gives when nothing came
+
+
+def _take(inbox: queue.Queue[tuple[str, Any]], wait: float, beat: Callable[[], None]) -> tuple[bool, Any]:
+    """The pump's next event as (False, event); (True, None) at its end; (False, _SILENCE) when nothing came
+    for `wait` seconds (after a `beat`). The pump's error is raised here."""
+    try:
+        kind, value = inbox.get(timeout=wait)
+    except queue.Empty:
+        beat()
+        return False, _SILENCE
+    if kind == "error":
+        raise value
+    return kind == "end", value
 
 
 def run_operation(operation_id: int) -> None:
