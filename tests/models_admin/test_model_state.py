@@ -149,14 +149,16 @@ async def test_an_unreachable_model_server_shows_within_five_seconds_and_its_ret
         async with site.socket(f"/ws/chat/{conversation}/", member) as socket, site.socket("/ws/models/", admin) as models:
             await receive_until(socket, state_is("ready"))
             model_server.stop()
+            stopped_at = time.monotonic()
             first = post(member, conversation, "Hello?")
-            await receive_until(socket, lambda e: e["type"] == "chat.error" and e["message_id"] == first["id"])
-            failed_at = time.monotonic()
+            # Noticed by the watcher (pages are open) or by this message's failed request, whichever is first.
             await receive_until(socket, state_is("unreachable"), timeout=5)
-            assert time.monotonic() - failed_at < 5.0
+            assert time.monotonic() - stopped_at < 5.0
             (news,) = (await receive_until(models, state_is("unreachable"), timeout=5))[-1:]
             assert news["trouble"] == "unreachable" and "cannot be reached" in news["trouble_text"]
-            assert message(member, conversation, first["id"])["error"] == DOWN
+            # Failed with the sentence if it reached the dead server before the state changed, else held.
+            first_now = message(member, conversation, first["id"])
+            assert first_now["error"] == DOWN if first_now["status"] == "failed" else first_now["status"] == "queued"
 
             # Known to be down: a new message is held for the server's return instead of failing.
             second = post(member, conversation, "Hello again?")
