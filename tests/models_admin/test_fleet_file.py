@@ -58,13 +58,21 @@ def test_an_imported_fleet_is_exported_as_it_was_read_and_imports_again_unchange
     assert report.strip().endswith("1 backend added, 1 updated, settings of 2 models changed, 0 unchanged.")
     backends, models, audited = state()
     assert backends == [("default", "http://127.0.0.1:5000"), ("gpu-2", "http://10.0.0.2:5000")]
-    assert models["Tiny-Chat-5M"] == {"max_seq_len": 1024, "cache_mode": "Q4", "temperature": 0.2, "system_prompt": "Answer in one sentence."}
+    assert models["Tiny-Chat-5M"] == {
+        "max_seq_len": 1024,
+        "cache_mode": "Q4",
+        "temperature": 0.2,
+        "system_prompt": "Answer in one sentence.",
+    }
     assert audited == 2 and set(SettingsChange.objects.values_list("source", flat=True)) == {"command"}
 
     exported = tmp_path / "exported.yaml"
     assert run("export_fleet", "--output", str(exported)).strip() == f"Fleet written to {exported}."
     data = yaml.safe_load(exported.read_text())
-    assert data["backends"] == [{"name": "default", "url": "http://127.0.0.1:5000"}, {"name": "gpu-2", "url": "http://10.0.0.2:5000"}]
+    assert data["backends"] == [
+        {"name": "default", "url": "http://127.0.0.1:5000"},
+        {"name": "gpu-2", "url": "http://10.0.0.2:5000"},
+    ]
     assert data["models"] == models
     assert "_key" not in exported.read_text()  # never a key
 
@@ -80,10 +88,16 @@ def test_an_imported_fleet_is_exported_as_it_was_read_and_imports_again_unchange
         ("- just a list\n", "The file must be a mapping with `version`, `backends` and `models`."),
         ("version: 2\n", "This file is version 2; this Gantry reads version 1."),
         ("version: 1\nbackend: []\n", "`backend` is not part of a fleet file"),
-        ("backends:\n  - name: a\n    url: http://a:1\n    api_key: secret\n", "backends, item 1: `api_key` is not a backend field here"),
+        (
+            "backends:\n  - name: a\n    url: http://a:1\n    api_key: secret\n",
+            "backends, item 1: `api_key` is not a backend field here",
+        ),
         ("backends:\n  - name: a\n", "backends, item 1: `url` is missing."),
         ("backends:\n  - name: a\n    url: ftp://a\n", "backends, item 1: url must be an http:// or https:// address"),
-        ("backends:\n  - {name: a, url: 'http://a:1'}\n  - {name: a, url: 'http://b:1'}\n", "backends, item 2: the name a is used twice."),
+        (
+            "backends:\n  - {name: a, url: 'http://a:1'}\n  - {name: a, url: 'http://b:1'}\n",
+            "backends, item 2: the name a is used twice.",
+        ),
         ("models:\n  Tiny-Chat-5M:\n    max_seq_len: lots\n", "models, Tiny-Chat-5M: max_seq_len must be a whole number."),
         ("models:\n  Tiny-Chat-5M:\n    colour: blue\n", "models, Tiny-Chat-5M: colour is not a model setting"),
         ("models:\n  - Tiny-Chat-5M\n", "`models` must map each model's name to its settings."),

@@ -47,8 +47,17 @@ def test_a_models_settings_are_saved_and_read_back_with_every_setting_named(admi
     assert set(fresh["settings"]) >= {"max_seq_len", "cache_mode", "draft_model", "gpu_split", "temperature", "system_prompt"}
     assert all(value is None for value in fresh["settings"].values())
 
-    body = {"max_seq_len": 4096, "cache_mode": "q8", "rope_alpha": "auto", "gpu_split_auto": False, "gpu_split": [20, 24.5],
-            "temperature": 0.7, "top_k": 40, "max_tokens": 64, "system_prompt": "  You are terse.  "}
+    body = {
+        "max_seq_len": 4096,
+        "cache_mode": "q8",
+        "rope_alpha": "auto",
+        "gpu_split_auto": False,
+        "gpu_split": [20, 24.5],
+        "temperature": 0.7,
+        "top_k": 40,
+        "max_tokens": 64,
+        "system_prompt": "  You are terse.  ",
+    }
     saved = put(admin, body)
     assert saved.status_code == 200, saved.content
     answer = saved.json()
@@ -80,7 +89,11 @@ def test_a_models_settings_are_saved_and_read_back_with_every_setting_named(admi
         ({"draft_model": "../elsewhere/model"}, "draft_model", "draft_model must be the name of a model folder"),
         ({"temperature": True}, "temperature", "temperature must be a number."),
         ({"top_p": 1.5}, "top_p", "top_p must be more than 0 and at most 1."),
-        ({"max_tokens": 100_000}, "max_tokens", "max_tokens must be at most 512, the site's longest answer (GANTRY_MAX_ANSWER_TOKENS)."),
+        (
+            {"max_tokens": 100_000},
+            "max_tokens",
+            "max_tokens must be at most 512, the site's longest answer (GANTRY_MAX_ANSWER_TOKENS).",
+        ),
         ({"system_prompt": 42}, "system_prompt", "system_prompt must be text."),
     ],
 )
@@ -105,7 +118,10 @@ def test_a_body_that_is_not_an_object_is_refused(admin: Client) -> None:
 
 
 def test_a_model_nobody_has_seen_has_no_settings(admin: Client) -> None:
-    for answer in (admin.get("/api/admin/models/No-Such-Model/settings"), admin.put("/api/admin/models/No-Such-Model/settings", {}, content_type="application/json")):
+    for answer in (
+        admin.get("/api/admin/models/No-Such-Model/settings"),
+        admin.put("/api/admin/models/No-Such-Model/settings", {}, content_type="application/json"),
+    ):
         assert answer.status_code == 404
         assert answer.json() == {"detail": "There is no model named No-Such-Model."}
     assert admin.get("/admin/models/No-Such-Model/settings/").status_code == 404
@@ -135,18 +151,34 @@ def test_each_change_is_audited_and_shown_in_the_activity_log(admin: Client) -> 
     assert all(c.requested_by is not None and c.requested_by.get_username() == "root" for c in changes)
     page = admin.get("/admin/activity/").content.decode()
     assert page.count('class="settings-change"') == 2
-    assert f"Settings of <a href=\"/admin/models/{MODEL}/settings/\">{MODEL}</a>" in page
+    assert f'Settings of <a href="/admin/models/{MODEL}/settings/">{MODEL}</a>' in page
     assert "max_seq_len 4096; system_prompt unset" in page and "max_seq_len 2048; system_prompt &quot;Be brief.&quot;" in page
-    assert "root <span class=\"via\">via dashboard</span>" in page and "root <span class=\"via\">via API</span>" in page
+    assert 'root <span class="via">via dashboard</span>' in page and 'root <span class="via">via API</span>' in page
     assert page.index("max_seq_len 2048") < page.index("max_seq_len unset")  # newest first
 
 
 def test_the_settings_page_has_a_field_for_every_setting(admin: Client) -> None:
     put(admin, {"top_k": 40})
     page = admin.get(f"/admin/models/{MODEL}/settings/").content.decode()
-    for name in ("max_seq_len", "cache_mode", "cache_size", "chunk_size", "rope_scale", "rope_alpha", "draft_model",
-                 "prompt_template", "gpu_split_auto", "gpu_split", "temperature", "top_p", "top_k", "min_p",
-                 "repetition_penalty", "max_tokens", "system_prompt"):
+    for name in (
+        "max_seq_len",
+        "cache_mode",
+        "cache_size",
+        "chunk_size",
+        "rope_scale",
+        "rope_alpha",
+        "draft_model",
+        "prompt_template",
+        "gpu_split_auto",
+        "gpu_split",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "max_tokens",
+        "system_prompt",
+    ):
         assert f'id="setting-{name}"' in page and f'id="error-{name}"' in page
     assert "top_k unset → top_k 40" in page
 
@@ -175,6 +207,10 @@ def test_the_conversation_sent_starts_with_the_served_models_system_prompt(seen:
     prompt = history(conversation.pk, "Hello")
     assert prompt.messages() == [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hello"}]
     assert prompt.params == {"top_p": 0.5, "max_tokens": 512}
-    assert history(conversation.pk, "Hello", model="Other-Model") == Prompt([{"role": "user", "content": "Hello"}], "", {"max_tokens": 512})
-    long = Prompt([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}], "S")
+    assert history(conversation.pk, "Hello", model="Other-Model") == Prompt(
+        [{"role": "user", "content": "Hello"}], "", {"max_tokens": 512}
+    )
+    long = Prompt(
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}], "S"
+    )
     assert long.shortened().messages() == [{"role": "system", "content": "S"}, {"role": "user", "content": "c"}]
