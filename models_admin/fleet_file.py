@@ -71,7 +71,9 @@ def export_fleet() -> str:
     backends = [{key: getattr(b, column) for key, column in BACKEND_FIELDS.items()} for b in Backend.objects.order_by("name")]
     models = {row.model_name: dict(row.values) for row in ModelSettings.objects.order_by("model_name") if row.values}
     head = "# A Gantry fleet: its model servers (without their keys) and each model's settings.\n"
-    return head + yaml.safe_dump({"version": VERSION, "backends": backends, "models": models}, sort_keys=False, allow_unicode=True)
+    return head + yaml.safe_dump(
+        {"version": VERSION, "backends": backends, "models": models}, sort_keys=False, allow_unicode=True
+    )
 
 
 # Import
@@ -85,8 +87,11 @@ def read_fleet(text: str) -> Fleet:
         raise FleetInvalid([f"The file is not valid YAML: {exc}"]) from None
     if not isinstance(data, dict):
         raise FleetInvalid(["The file must be a mapping with `version`, `backends` and `models`."])
-    problems = [f"`{key}` is not part of a fleet file (it has version, backends and models)." for key in data
-                if key not in ("version", "backends", "models")]
+    problems = [
+        f"`{key}` is not part of a fleet file (it has version, backends and models)."
+        for key in data
+        if key not in ("version", "backends", "models")
+    ]
     if data.get("version", VERSION) != VERSION:
         problems.append(f"This file is version {data.get('version')!r}; this Gantry reads version {VERSION}.")
     fleet = Fleet(_backends(data.get("backends") or [], problems), _models(data.get("models") or {}, problems))
@@ -105,8 +110,12 @@ def _backends(items: Any, problems: list[str]) -> list[dict[str, str]]:
         if not isinstance(item, dict):
             problems.append(f"{where}: must be a mapping with {', '.join(REQUIRED_BACKEND_KEYS)}.")
             continue
-        problems += [f"{where}: `{key}` is not a backend field here (keys never go in a fleet file; the fields are "
-                     f"{', '.join(BACKEND_FIELDS)})." for key in item if key not in BACKEND_FIELDS]
+        problems += [
+            f"{where}: `{key}` is not a backend field here (keys never go in a fleet file; the fields are "
+            f"{', '.join(BACKEND_FIELDS)})."
+            for key in item
+            if key not in BACKEND_FIELDS
+        ]
         problems += [f"{where}: `{key}` is missing." for key in REQUIRED_BACKEND_KEYS if key not in item]
         name, url = item.get("name"), item.get("url")
         if "name" in item and (not isinstance(name, str) or not 0 < len(name.strip()) <= 100):

@@ -70,8 +70,10 @@ class SettingsChange(models.Model):
 
     def sides(self) -> tuple[str, str]:
         """The changed settings before and after, as the Activity tab's From and To columns."""
-        before = "; ".join(f"{name} {_shown(old)}" for name, (old, _) in self.changes.items())
-        after = "; ".join(f"{name} {_shown(new)}" for name, (_, new) in self.changes.items())
+        # In the settings' own order (a JSON column may not keep the keys' order: PostgreSQL's does not).
+        changed = [(f.name, self.changes[f.name]) for f in settings_fields.FIELDS if f.name in self.changes]
+        before = "; ".join(f"{name} {_shown(old)}" for name, (old, _) in changed)
+        after = "; ".join(f"{name} {_shown(new)}" for name, (_, new) in changed)
         return before, after
 
 

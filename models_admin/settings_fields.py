@@ -128,24 +128,51 @@ def text(name: str, value: Any) -> str:
 FIELDS = (
     Field("max_seq_len", LOAD, "Context length", "Tokens of context; empty: the model's own.", tokens(16)),
     Field("cache_mode", LOAD, "Cache mode", "FP16, Q8, Q6 or Q4 (quantised caches hold more).", cache_mode),
-    Field("cache_size", LOAD, "Cache size", "Tokens the cache holds, a multiple of 256, at least the context.",
-          tokens(256, multiple=256)),
+    Field(
+        "cache_size",
+        LOAD,
+        "Cache size",
+        "Tokens the cache holds, a multiple of 256, at least the context.",
+        tokens(256, multiple=256),
+    ),
     Field("chunk_size", LOAD, "Chunk size", "Prompt tokens read in one step.", tokens(16)),
-    Field("rope_scale", LOAD, "RoPE scale", "Linear position scaling (2 stretches the context twofold).",
-          number(0, 64, low_open=True)),
+    Field(
+        "rope_scale",
+        LOAD,
+        "RoPE scale",
+        "Linear position scaling (2 stretches the context twofold).",
+        number(0, 64, low_open=True),
+    ),
     Field("rope_alpha", LOAD, "RoPE alpha", 'NTK scaling of the positions, or "auto".', rope_alpha),
-    Field("draft_model", LOAD, "Draft model", "A model folder used for speculative decoding.",
-          lambda name, value: _name(name, value, "a model folder")),
-    Field("prompt_template", LOAD, "Prompt template", "A template name; empty: the model's own.",
-          lambda name, value: _name(name, value, "a template")),
+    Field(
+        "draft_model",
+        LOAD,
+        "Draft model",
+        "A model folder used for speculative decoding.",
+        lambda name, value: _name(name, value, "a model folder"),
+    ),
+    Field(
+        "prompt_template",
+        LOAD,
+        "Prompt template",
+        "A template name; empty: the model's own.",
+        lambda name, value: _name(name, value, "a template"),
+    ),
     Field("gpu_split_auto", LOAD, "Split across GPUs automatically", "TabbyAPI's default is yes.", boolean),
     Field("gpu_split", LOAD, "GPU split", "GB on each GPU, e.g. 20, 24 (with automatic split off).", gpu_split),
     Field("temperature", GENERATION, "Temperature", "0 picks the likeliest token; higher is more varied.", number(0, 5)),
-    Field("top_p", GENERATION, "Top P", "Sample from the likeliest tokens making up this probability.", number(0, 1, low_open=True)),
+    Field(
+        "top_p", GENERATION, "Top P", "Sample from the likeliest tokens making up this probability.", number(0, 1, low_open=True)
+    ),
     Field("top_k", GENERATION, "Top K", "Sample from this many likeliest tokens; 0 is off.", tokens(0)),
     Field("min_p", GENERATION, "Min P", "Drop tokens less likely than this share of the likeliest.", number(0, 1)),
-    Field("repetition_penalty", GENERATION, "Repetition penalty", "Above 1 discourages repeating tokens.",
-          number(0, 10, low_open=True)),
+    Field(
+        "repetition_penalty",
+        GENERATION,
+        "Repetition penalty",
+        "Above 1 discourages repeating tokens.",
+        number(0, 10, low_open=True),
+    ),
     Field("max_tokens", GENERATION, "Longest answer", "Tokens; at most the site's GANTRY_MAX_ANSWER_TOKENS.", tokens(1)),
     Field("system_prompt", GENERATION, "System prompt", "Sent first in every conversation with this model.", text),
 )
@@ -184,9 +211,13 @@ def _together(values: Values, max_answer_tokens: int) -> dict[str, str]:
             "context must fit in the cache. Raise cache_size or lower max_seq_len."
         )
     if "gpu_split" in values and values.get("gpu_split_auto") is not False:
-        errors["gpu_split"] = "gpu_split is used only when gpu_split_auto is false (TabbyAPI splits automatically otherwise); set it to false."
+        errors["gpu_split"] = (
+            "gpu_split is used only when gpu_split_auto is false (TabbyAPI splits automatically otherwise); set it to false."
+        )
     if values.get("max_tokens", 0) > max_answer_tokens:
-        errors["max_tokens"] = f"max_tokens must be at most {max_answer_tokens:,}, the site's longest answer (GANTRY_MAX_ANSWER_TOKENS)."
+        errors["max_tokens"] = (
+            f"max_tokens must be at most {max_answer_tokens:,}, the site's longest answer (GANTRY_MAX_ANSWER_TOKENS)."
+        )
     return errors
 
 

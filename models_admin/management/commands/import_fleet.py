@@ -29,7 +29,9 @@ class Command(BaseCommand):
         try:
             fleet = read_fleet(text)
         except FleetInvalid as exc:
-            raise CommandError(f"{file} was not imported; nothing changed:\n" + "\n".join(f"- {p}" for p in exc.problems)) from None
+            raise CommandError(
+                f"{file} was not imported; nothing changed:\n" + "\n".join(f"- {p}" for p in exc.problems)
+            ) from None
         report = import_fleet(fleet, dry_run=dry_run)
         for line in report.lines:
             self.stdout.write(f"  {line}")
