@@ -13,19 +13,23 @@ import concurrent.futures
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.db import transaction
+from django.db.models import Subquery
 from django.utils import timezone
 
 from chat.models import Message
-from chat.streaming import Pace, Stopped, opened, relay, too_long
+from chat.streaming import Pace, Prompt, Stopped, opened, relay, too_long
 from gantry.background import spawn
 from gantry.broadcast import DoneEvent, ErrorEvent, Event, MessageEvent, abroadcast, broadcast, conversation_group
+from models_admin.models import Backend, ModelSettings
 from models_admin.services import default_backend, note_nothing_loaded, request_check
+from models_admin.settings_fields import chat_defaults
 from models_admin.tabby_errors import BackendError, BackendUnavailable, GenerationFailed, NoModelLoaded
 
 log = logging.getLogger(__name__)
@@ -54,7 +58,7 @@ class Claimed:
     """A question taken from the queue, its answer's row, and the conversation to send TabbyAPI."""
 
     answer: Answer
-    history: list[dict[str, str]] = field(default_factory=list)
+    history: Prompt
 
 
 # Claiming
@@ -84,15 +88,19 @@ def answer_row(question: Message, answered_before: bool = True) -> Message:
     return reply
 
 
-def history(conversation_id: int, content: str, before: datetime | None = None) -> list[dict[str, str]]:
+def history(conversation_id: int, content: str, before: datetime | None = None, model: str | None = None) -> Prompt:
     """What to send TabbyAPI for the question `content` asked at `before` (None: a question not saved yet,
-    after everything): the conversation's answered turns before it, oldest first, then the question."""
+    after everything): the conversation's answered turns before it, oldest first, then the question; with
+    the settings of `model` (None: the model the backend holds), its system prompt first."""
     turns: list[dict[str, str]] = []
     for question, answer in Message.objects.turns(conversation_id, before):
         turns.append({"role": "user", "content": question})
         if answer is not None:
             turns.append({"role": "assistant", "content": answer})
-    return turns + [{"role": "user", "content": content}]
+    served = Backend.objects.filter(name="default").values("active_model")[:1]
+    values = ModelSettings.objects.values_of(model if model is not None else Subquery(served))
+    system, params = chat_defaults(values, settings.GANTRY_MAX_ANSWER_TOKENS)
+    return Prompt(turns + [{"role": "user", "content": content}], system, params)
 
 
 def requeue(message_id: int, note: str) -> None:
@@ -135,7 +143,7 @@ class EarlyRequest:
     def __init__(self) -> None:
         self._saved: concurrent.futures.Future[Answer | None] = concurrent.futures.Future()
 
-    def send(self, history: list[dict[str, str]], then: Callable[[], None]) -> None:
+    def send(self, history: Prompt, then: Callable[[], None]) -> None:
         taken = threading.Event()
         spawn(_generate(history, self._when_saved(), then, taken))
         # Saving the rows needs the interpreter, as sending the request does: the request goes first.
@@ -182,7 +190,7 @@ class _Announcement:
 
 
 async def _generate(
-    history: list[dict[str, str]], saved: Awaitable[Answer | None], then: Callable[[], None], taken: threading.Event | None = None
+    history: Prompt, saved: Awaitable[Answer | None], then: Callable[[], None], taken: threading.Event | None = None
 ) -> None:
     """The answer's request goes to TabbyAPI at once (`taken` is set once TabbyAPI has it, or has refused
     it); `saved` gives its rows once they are in the database (None: they never will be, and the answer

@@ -37,15 +37,16 @@ def detail(message: str, status: int, **extra: Any) -> JsonResponse:
 
 
 def _refusal(request: HttpRequest) -> JsonResponse | None:
-    """401 for anonymous callers, 403 for users who are not admins and for refused browser POSTs."""
+    """401 for anonymous callers, 403 for users who are not admins and for refused browser writes."""
     user = request.user
     if not user.is_authenticated:
         return detail("Log in as an admin first (POST /api/auth/login).", 401)
     if not user.is_staff:
         return detail("Only admins can manage models.", 403)
-    if request.method == "POST" and (refusal := origins.refusal(request)):
+    writes = request.method not in ("GET", "HEAD", "OPTIONS")
+    if writes and (refusal := origins.refusal(request)):
         return detail(refusal, 403)
-    if request.method == "POST" and request.body and request.content_type != "application/json":
+    if writes and request.body and request.content_type != "application/json":
         # A body is JSON, said so: a page of another site can send a form or text/plain body without
         # asking first, but not application/json.
         return detail("Send the body as JSON, with the header Content-Type: application/json.", 415)

@@ -7,6 +7,9 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+# Defined apart (their own concern), registered as this app's models by being imported here.
+from models_admin.model_settings import ModelSettings, SettingsChange  # noqa: F401
+
 
 class Backend(models.Model):
     """A TabbyAPI server and what Gantry knows of it. One row today; several later."""

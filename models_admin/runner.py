@@ -23,7 +23,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from gantry.broadcast import CHAT_GROUP, MODELS_GROUP, ModelProgressEvent, broadcast
-from models_admin.models import Backend, Operation
+from models_admin.models import Backend, ModelSettings, Operation
 from models_admin.services import admin_client, announce_state, end_abandoned_load, sync_models
 from models_admin.signals import model_ready, running_answers
 from models_admin.tabby_client import TabbyClient
@@ -231,8 +231,10 @@ def _load(client: TabbyClient, reporter: Reporter, model: str, step: str, templa
     text = template.format(model=model)
     reporter.start_load(model)
     reporter.report(step, 40, text)
+    # The model's load parameters go with every load of it: a switch's, and a rollback's.
+    load = client.load(model, **ModelSettings.objects.load_request(model))
     try:
-        for event in watched(client.load(model), settings.GANTRY_SWITCH_TIMEOUT, reporter.beat):
+        for event in watched(load, settings.GANTRY_SWITCH_TIMEOUT, reporter.beat):
             if event["model_type"] == "model":
                 reporter.report(step, 40 + 60 * event["module"] / max(event["modules"], 1), text, event["module"], event["modules"])
     except Stalled as exc:

@@ -13,6 +13,7 @@ import asyncio
 import ctypes
 import gc
 import json
+import logging
 import re
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -31,6 +32,7 @@ from tabby.engines.base import (
     read_model_config,
 )
 from tabby.engines.sampling import sample_next
+from tabby.engines.torch_options import named_template, plan_load, render_named
 from tabby.engines.weights import WeightReader, index_tensors
 
 # Decoder-only architectures whose transformers implementation this engine has been run with.
@@ -48,6 +50,7 @@ SUPPORTED_ARCHITECTURES = frozenset(
     }
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+log = logging.getLogger("tabby")
 _LAYER = re.compile(r"^(.*\.(?:layers|h)\.\d+)\.(.+)$")
 
 
@@ -127,7 +130,11 @@ class TorchEngine:
         if not any((model_dir / name).exists() for name in TOKENIZER_FILES):
             raise ModelFolderError(f"No tokenizer files (tokenizer.json) found in {model_dir}")
         native = int(self.config_json.get("max_position_embeddings") or 2048)
-        self.max_seq_len = min(options.max_seq_len or native, native)
+        # The load's options as this engine applies them (RoPE scaling goes into hf_config); the log says
+        # which it adjusts or ignores.
+        self.load = plan_load(options, native, self.hf_config)
+        self.max_seq_len = self.load.max_seq_len
+        self.template: Any = None  # (name, compiled) of the chat template the load named
         self.model: Any = None
         self.tokenizer: Any = None
         self.stop_token_ids: list[int] = []
@@ -154,6 +161,9 @@ class TorchEngine:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ModelFolderError(f"Failed to read the tokenizer of {self.model_name}: {exc}") from None
+        self.template = named_template(self.model_dir, self.options.prompt_template, self.load.notes)
+        for note in self.load.notes:
+            log.warning("Loading %s: %s", self.model_name, note)
         entries = self.tensors
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(self.hf_config, dtype=torch.float32)
@@ -219,11 +229,14 @@ class TorchEngine:
     def render_chat(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, template_vars: dict[str, Any] | None = None
     ) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
+        if self.template is not None:
+            text = render_named(self.template[1], self.tokenizer, messages, add_generation_prompt, template_vars)
+        elif not getattr(self.tokenizer, "chat_template", None):
             raise ModelFolderError(f"{self.model_name} has no chat template; use /v1/completions instead.")
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **(template_vars or {})
-        )
+        else:
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **(template_vars or {})
+            )
         bos = self.tokenizer.bos_token
         # The prompt gets its BOS from encode(); a template that writes one too would double it.
         return str(text[len(bos) :] if bos and text.startswith(bos) else text)
@@ -231,17 +244,22 @@ class TorchEngine:
     def card_parameters(self) -> dict[str, Any]:
         return {
             "max_seq_len": self.max_seq_len,
-            "cache_size": self.max_seq_len,
+            "cache_size": self.load.cache_size,
             "cache_mode": "FP32",
-            "rope_scale": 1.0,
-            "rope_alpha": 1.0,
+            "rope_scale": self.load.rope_scale,
+            "rope_alpha": self.load.rope_alpha,
             "max_batch_size": None,
             "chunk_size": self.max_seq_len,
-            "prompt_template": "tokenizer_config" if getattr(self.tokenizer, "chat_template", None) else None,
+            "prompt_template": self._template_name(),
             "prompt_template_content": None,
             "use_vision": False,
             "draft": None,
         }
+
+    def _template_name(self) -> str | None:
+        if self.template is not None:
+            return str(self.template[0])
+        return "tokenizer_config" if getattr(self.tokenizer, "chat_template", None) else None
 
     # Generation
 
