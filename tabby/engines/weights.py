@@ -15,6 +15,7 @@ keep pace with the page cache. The block goes back to the system when its last t
 
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import os
@@ -44,6 +45,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 ALIGN = 64  # every tensor starts on a cache line, as torch's own allocator would place it
 PIECE = 4 << 20  # bytes per read: large, yet small enough to share a module among threads
+HUGE_PAGE = 2 << 20  # where the reserved block starts, so that its first page can be a huge one
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,16 @@ def _anonymous_block(size: int) -> mmap.mmap | bytearray:
     return block
 
 
+def _to_huge_page(block: mmap.mmap | bytearray) -> int:
+    """How far into `block` the first huge-page boundary is (the kernel may not have placed it on one)."""
+    if isinstance(block, bytearray):
+        return 0
+    start = ctypes.c_char.from_buffer(block)
+    address = ctypes.addressof(start)
+    del start  # release the buffer export at once
+    return -address % HUGE_PAGE
+
+
 def block_size(entries: Mapping[str, TensorEntry]) -> int:
     """The bytes `entries` take once laid out for reading (each tensor on a cache line)."""
     return sum(_padded(entry.nbytes) for entry in entries.values())
@@ -141,8 +153,8 @@ class WeightReader:
         self._started = time.monotonic()
         self._files: dict[Path, int] = {}
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="read-weights") if threads > 1 else None
-        self._arena: mmap.mmap | bytearray | None = _anonymous_block(reserve) if reserve > 0 else None
-        self._used = 0
+        self._arena: mmap.mmap | bytearray | None = _anonymous_block(reserve + HUGE_PAGE) if reserve > 0 else None
+        self._used = _to_huge_page(self._arena) if self._arena is not None else 0
 
     def _place(self, size: int) -> tuple[mmap.mmap | bytearray, int]:
         """Where a module of `size` bytes goes: the next part of the reserved block, or a block of its own."""
