@@ -105,11 +105,11 @@ def loading(server: TabbyServer) -> None:
     read_from_page_cache(files)  # bring the files into the page cache
     loads: list[float] = []
     reads: list[float] = []
-    with server.client(admin=True) as client:
+    with server.client(admin=True, timeout=300) as client:
         for _ in range(LOADS):
             client.post("/v1/model/unload")
             started = time.perf_counter()
-            events = load_events(server, LARGE)
+            events = load_events(server, LARGE, client=client)
             loads.append(time.perf_counter() - started)
             assert events[-1]["status"] == "finished", events[-1]
             reads.append(read_from_page_cache(files))

@@ -17,6 +17,7 @@ import logging
 import re
 import threading
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from tabby.engines.base import (
 )
 from tabby.engines.sampling import sample_next
 from tabby.engines.torch_options import named_template, plan_load, render_named
-from tabby.engines.weights import WeightReader, index_tensors
+from tabby.engines.weights import WeightReader, block_size, index_tensors
 
 # Decoder-only architectures whose transformers implementation this engine has been run with.
 SUPPORTED_ARCHITECTURES = frozenset(
@@ -155,34 +156,47 @@ class TorchEngine:
     # Loading
 
     def load_gen(self) -> Iterator[tuple[int, int]]:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ModelFolderError(f"Failed to read the tokenizer of {self.model_name}: {exc}") from None
         self.template = named_template(self.model_dir, self.options.prompt_template, self.load.notes)
         for note in self.load.notes:
             log.warning("Loading %s: %s", self.model_name, note)
         entries = self.tensors
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(self.hf_config, dtype=torch.float32)
-        expected = list(model.state_dict().keys())
-        present = [name for name in expected if name in entries]
-        groups = module_groups(present)
-        # Read with as many threads as the engine computes with (the `cpu_threads` setting).
-        reader = WeightReader(self.options.load_throttle_mbps, threads=torch.get_num_threads())
+        # The tokenizer is parsed beside the reads (started once the model code is imported), and is in
+        # place before the last step makes the model ready.
+        with ThreadPoolExecutor(1, thread_name_prefix="read-tokenizer") as side:
+            tokenizer = side.submit(self._read_tokenizer)
+            expected = list(model.state_dict().keys())
+            present = [name for name in expected if name in entries]
+            groups = module_groups(present)
+            # Read with as many threads as the engine computes with (the `cpu_threads` setting), into one
+            # block laid out for every tensor the model takes.
+            reserve = block_size({name: entries[name] for name in present})
+            reader = WeightReader(self.options.load_throttle_mbps, threads=torch.get_num_threads(), reserve=reserve)
+            try:
+                for k, (_, names) in enumerate(groups, start=1):
+                    if tokenizer.done():
+                        tokenizer.result()  # an unreadable tokenizer fails the load now, not after the reads
+                    # The tensors become the parameters as read (assign=True); only other dtypes are converted.
+                    tensors = {name: t.to(torch.float32) for name, t in reader.read_module({n: entries[n] for n in names}).items()}
+                    _assign(model, tensors)
+                    del tensors
+                    if k == len(groups):  # the last step also makes the model ready to answer
+                        self.tokenizer = tokenizer.result()
+                        self._finish_model(model)
+                    yield k, len(groups)
+            finally:
+                reader.close()
+
+    def _read_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
         try:
-            for k, (_, names) in enumerate(groups, start=1):
-                # The tensors become the parameters as read (assign=True); only other dtypes are converted.
-                tensors = {name: t.to(torch.float32) for name, t in reader.read_module({n: entries[n] for n in names}).items()}
-                _assign(model, tensors)
-                del tensors
-                if k == len(groups):  # the last step also makes the model ready to answer
-                    self._finish_model(model)
-                yield k, len(groups)
-        finally:
-            reader.close()
+            return AutoTokenizer.from_pretrained(self.model_dir)
+        except Exception as exc:  # noqa: BLE001  the tokenizers library raises a bare Exception for a malformed file
+            raise ModelFolderError(f"Failed to read the tokenizer of {self.model_name}: {exc}") from None
 
     def _finish_model(self, model: Any) -> None:
         if getattr(model.config, "tie_word_embeddings", False):
