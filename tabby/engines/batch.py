@@ -9,6 +9,7 @@ An answer that ends (EOS, stop string, max_tokens) or is cancelled leaves the ba
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import torch
 
@@ -20,7 +21,7 @@ from tabby.engines.sampling import sample_next
 class Batch:
     """Runs the answers of one model on a worker thread, so the event loop stays free to serve HTTP."""
 
-    def __init__(self, model: object, stop_token_ids: list[int], decode: Decode, name: str) -> None:
+    def __init__(self, model: Any, stop_token_ids: list[int], decode: Decode, name: str) -> None:
         self.model = model
         self.stop_token_ids = stop_token_ids
         self.decode_text = decode
@@ -52,6 +53,7 @@ class Batch:
             answer.push(RuntimeError("The model was unloaded."))
         self._pending.clear()
         self._running.clear()
+        self.model = None  # the batch must not keep the weights alive
 
     def _run(self) -> None:
         with torch.inference_mode():

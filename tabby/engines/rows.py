@@ -9,7 +9,8 @@ Greedy answers are the same in any company. A CPU matrix product gives, for one 
 sums in another order than for several rows (another kernel); from four rows on it gives every
 row the same bits whatever the count and the other rows hold. So each decode step computes at
 least `MIN_ROWS` rows, filling up with idle rows when fewer answers run, and an answer alone gets
-the very numbers it gets in a crowd.
+the very numbers it gets in a crowd. The output head, the widest product, runs row by row (one row
+is one kernel too), for the answers only.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ class StepRows:
 
 
 def install_row_attention(model: Any) -> None:
-    """Route the model's attention through the row-by-row attention (prefills still use the model's own)."""
+    """Route the model's attention through the row-by-row attention (prefills still use the model's own),
+    and give its output head one row at a time."""
+    _head_by_row(model.get_output_embeddings())
     base = model.config._attn_implementation or "eager"
     if base.startswith(_PREFIX):
         return
@@ -50,6 +53,21 @@ def install_row_attention(model: Any) -> None:
         AttentionInterface.register(name, _row_attention(base))
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
     model.set_attn_implementation(name)
+
+
+def _head_by_row(head: torch.nn.Module) -> None:
+    """The head (vocabulary-wide: the largest product of a step) computes each answer's row alone, the
+    same product as for an answer alone, its weights still in the CPU's cache for the next row; filler
+    rows get none."""
+    whole = head.forward
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        live = getattr(head, "live_rows", None) or hidden.shape[0]
+        if hidden.shape[0] == 1:
+            return whole(hidden)  # type: ignore[no-any-return]
+        return torch.cat([whole(hidden[i : i + 1]) for i in range(live)])
+
+    head.forward = forward  # type: ignore[method-assign]
 
 
 def _base_function(base: str, module: torch.nn.Module) -> Callable[..., Any]:
@@ -92,5 +110,10 @@ def decode_step(model: Any, tokens: list[int], positions: list[int], caches: lis
     filler = width - len(tokens)
     ids = torch.tensor(tokens + [_FILLER_TOKEN] * filler, dtype=torch.long).view(width, 1)
     where = torch.tensor(positions + [0] * filler, dtype=torch.long).view(width, 1)
-    out = model(input_ids=ids, position_ids=where, use_cache=False, logits_to_keep=1, step_rows=StepRows(caches))
-    return out.logits[: len(tokens), -1]
+    head = model.get_output_embeddings()
+    head.live_rows = len(tokens)
+    try:
+        out = model(input_ids=ids, position_ids=where, use_cache=False, logits_to_keep=1, step_rows=StepRows(caches))
+    finally:
+        head.live_rows = None
+    return out.logits[:, -1]

@@ -252,6 +252,7 @@ class TorchEngine:
     def unload(self) -> None:
         if self._batch is not None:
             self._batch.stop()
+            self._batch = None
         self.model = None
         self.tokenizer = None
         _release_memory()
