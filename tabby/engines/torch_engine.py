@@ -233,9 +233,10 @@ class TorchEngine:
         generator = torch.Generator()
         generator.manual_seed(params.seed if params.seed is not None else torch.seed())
         answer = Answer(prompt_ids, params, asyncio.get_running_loop(), asyncio.Queue(), generator)
-        if self._batch is None or self.model is None:
+        batch = self._batch
+        if batch is None:
             raise RuntimeError("The model was unloaded.")
-        self._batch.submit(answer)
+        batch.submit(answer)  # raises too if the unload came first
         try:
             while True:
                 item = await answer.queue.get()
