@@ -1,9 +1,11 @@
 from __future__ import annotations
 
-from django.urls import path
+from django.urls import path, re_path
 from django.views.generic import RedirectView
 
-from models_admin import api, views
+from models_admin import api, backends_api, views
+
+NAME = r"(?P<name>[a-z0-9-]{1,64})"
 
 urlpatterns = [
     path("admin/", RedirectView.as_view(url="/admin/models/"), name="dashboard"),
@@ -13,4 +15,10 @@ urlpatterns = [
     path("api/admin/models/switch", api.switch),
     path("api/admin/models/unload", api.unload),
     path("api/admin/models/refresh", api.refresh),
+    re_path(r"^api/admin/backends/?$", backends_api.backends),
+    re_path(rf"^api/admin/backends/{NAME}/?$", backends_api.backend),
+    re_path(rf"^api/admin/backends/{NAME}/drain/?$", backends_api.drain),
+    re_path(rf"^api/admin/backends/{NAME}/resume/?$", backends_api.resume),
+    re_path(rf"^api/admin/backends/{NAME}/unload/?$", backends_api.unload),
+    re_path(rf"^api/admin/backends/{NAME}/switch/?$", backends_api.switch),
 ]
