@@ -125,6 +125,7 @@ class Backend(models.Model):
                 {"model": row["to_model"], "seconds": row["load_seconds"], "finished": row["finished"].isoformat() if row["finished"] else None}
                 for row in last_loads
             ],
+            "models": list(self.language_models.filter(present=True).order_by("name").values_list("name", flat=True)),
             "default": self.is_default,
         }
 

@@ -10,6 +10,7 @@ NAME = r"(?P<name>[a-z0-9-]{1,64})"
 urlpatterns = [
     path("admin/", RedirectView.as_view(url="/admin/models/"), name="dashboard"),
     path("admin/models/", views.models_tab, name="models-tab"),
+    path("admin/backends/", views.backends_tab, name="backends-tab"),
     path("admin/activity/", views.activity_tab, name="activity-tab"),
     path("api/admin/models", api.models),
     path("api/admin/models/switch", api.switch),

@@ -1,4 +1,4 @@
-"""The Admin Dashboard pages: the Models tab and the Activity tab."""
+"""The Admin Dashboard pages: the Models tab, the Backends tab and the Activity tab."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from django.contrib.admin.views.decorators import staff_member_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 
+from models_admin import fleet
 from models_admin.models import Operation
 from models_admin.services import backend_event, check_if_stale, default_backend, model_rows
 
@@ -26,6 +27,12 @@ def models_tab(request: HttpRequest) -> HttpResponse:
                     "percent": running.percent, "text": running.text} if running else None,
     }
     return render(request, "models_admin/models.html", context)
+
+
+@staff_member_required(login_url="/login/")
+def backends_tab(request: HttpRequest) -> HttpResponse:
+    """The fleet: every backend's state, model and running answers, its actions, and the Add form."""
+    return render(request, "models_admin/backends.html", {"tab": "backends", "backends": fleet.rows()})
 
 
 @staff_member_required(login_url="/login/")
