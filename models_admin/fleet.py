@@ -119,9 +119,13 @@ def edit(backend: Backend, body: dict[str, Any]) -> Backend:
 
 def remove(backend: Backend) -> None:
     """Remove a backend: refused while it answers (drain it first) or runs an operation, and for the
-    default while it is the only one."""
-    if backend.is_default and Backend.objects.count() <= 1:
-        raise FleetError("The default backend is the only one: add another before removing it.", 409)
+    default, which is the server of TABBY_HOST (Gantry would find it again at once)."""
+    if backend.is_default:
+        only = " and the only one" if Backend.objects.count() <= 1 else ""
+        raise FleetError(
+            f"The default backend is the server of TABBY_HOST{only}: it cannot be removed. Drain it to take it out of rotation.",
+            409,
+        )
     if backend.is_busy:
         raise FleetError(f"The backend {backend.name} is running a {backend.state.replace('ing', '')}; remove it when that ends.", 409)
     running = running_answers(backend.pk)

@@ -251,15 +251,20 @@ def _record_models(backend: Backend, names: list[str]) -> bool:
 
 
 def model_rows(backend: Backend) -> list[dict[str, Any]]:
-    """The model list as the admin API and the Models tab show it (one query)."""
+    """The model list as the admin API and the Models tab show it (two queries); `backends` names the
+    backends of the fleet that hold each model, ready."""
     last_load = Operation.objects.successful_loads(OuterRef("name")).values("load_seconds")[:1]
     models = LanguageModel.objects.filter(backend=backend, present=True).annotate(last_load=Subquery(last_load))
+    holding: dict[str, list[str]] = {}
+    for name, model in Backend.objects.filter(state=Backend.State.READY).order_by("id").values_list("name", "active_model"):
+        holding.setdefault(model, []).append(name)
     return [
         {
             "id": model.name,
             "name": model.name,
             "active": backend.active_model == model.name and backend.state == Backend.State.READY,
             "last_load_seconds": float(model.last_load) if model.last_load is not None else None,
+            "backends": holding.get(model.name, []),
         }
         for model in models.order_by("name")
     ]

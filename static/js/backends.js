@@ -66,7 +66,7 @@
     const unload = button("Unload", "unload danger", () => run("POST", url + "unload"));
     unload.disabled = busy || !backend.active_model;
     td.append(unload);
-    if (!backend.default || backends.length > 1) {
+    if (!backend.default) { // the default is the server of TABBY_HOST: drained, never removed
       td.append(button("Remove", "remove danger", () => {
         if (window.confirm("Remove the backend " + backend.name + "?")) run("DELETE", url);
       }));
