@@ -271,23 +271,14 @@ def model_rows(backend: Backend) -> list[dict[str, Any]]:
 
 
 def announce_state(backend: Backend) -> None:
-    """A backend's new state: the default's to every page (chat banners, the Models tab), as the spec's
-    `model.state`; every backend's to the Backends tab, as `backend.state`."""
+    """A backend's new state: every backend's to the Backends tab, as `backend.state`; the default's to
+    the Models tab, and the model's state as chat sees it to chat pages, as the spec's `model.state`."""
     broadcast(MODELS_GROUP, BackendStateEvent(type="backend.state", backend=backend.as_row(running_answers(backend.pk))))
-    if not backend.is_default:
+    if backend.is_default:
+        broadcast(MODELS_GROUP, ModelStateEvent(type="model.state", **backend_event(backend)))  # type: ignore[typeddict-item]
+    elif Backend.objects.count() < 2:
         return
-    event = ModelStateEvent(
-        type="model.state",
-        state=backend.state,
-        active_model=backend.active_model or None,
-        target_model=backend.target_model or None,
-        trouble=backend.trouble or None,
-        trouble_text=backend.trouble_text or None,
-        abandoned_load=backend.abandoned_load or None,
-        operation_id=backend.operation_id,
-    )
-    broadcast(CHAT_GROUP, event)
-    broadcast(MODELS_GROUP, event)
+    broadcast(CHAT_GROUP, ModelStateEvent(type="model.state", **chat_state(backend if backend.is_default else None)))  # type: ignore[typeddict-item]
 
 
 def backend_event(backend: Backend | None = None) -> dict[str, Any]:
@@ -295,3 +286,17 @@ def backend_event(backend: Backend | None = None) -> dict[str, Any]:
     backend = backend or default_backend()
     return {**backend.as_event(), "operation_id": backend.operation_id}
 
+
+def chat_state(default: Backend | None = None) -> dict[str, Any]:
+    """The model's state as chat pages show it (without `type`): the default backend's; in a fleet, while
+    the default does not serve (it switches, or its server is away), another ready backend in rotation
+    holding the default model answers the messages, so chat shows that model ready."""
+    default = default or default_backend()
+    event = backend_event(default)
+    model = default.desired_model
+    if default.is_ready or not model:
+        return event
+    if not Backend.objects.filter(state=Backend.State.READY, in_rotation=True, active_model=model).exclude(pk=default.pk).exists():
+        return event
+    quiet = dict.fromkeys(("target_model", "trouble", "trouble_text", "abandoned_load", "operation_id"))
+    return {**event, **quiet, "state": Backend.State.READY, "active_model": model}

@@ -201,12 +201,16 @@ async def test_a_backend_killed_mid_answer_is_down_within_5_s_its_answer_complet
         assert answered == {question["id"]: survivor}
         assert down and down_after < 5, down_after
         assert by_name(admin)[victim_name]["healthy"] is False
+        # Chat pages see the model ready: the other backend answers for it (no "Model server unreachable").
+        async with site.socket("/ws/chat/", member) as page:
+            (greeting,) = (await receive_until(page, lambda e: e["type"] == "model.state"))[-1:]
+        assert (greeting["state"], greeting["active_model"], greeting["trouble"]) == ("ready", TINY, None)
 
         # Back up with nothing loaded: Gantry loads its desired model and puts it back in rotation.
         await asyncio.to_thread(victim.start, EMPTY_SERVER)
         up_at = time.monotonic()
         await asyncio.to_thread(
-            wait_until, lambda: by_name(admin)[victim_name]["state"] == "ready" and by_name(admin)[victim_name]["active_model"] == TINY, 30, "the backend ready again"
+            wait_until, lambda: by_name(admin)[victim_name]["state"] == "ready" and by_name(admin)[victim_name]["active_model"] == TINY, 60, "the backend ready again"
         )
         rejoined_after = time.monotonic() - up_at
         loads = query(site, "SELECT source, status, to_model, load_seconds FROM models_admin_operation WHERE source = 'fleet' ORDER BY id DESC")
@@ -215,7 +219,8 @@ async def test_a_backend_killed_mid_answer_is_down_within_5_s_its_answer_complet
             f"FIGURES fleet: down {down_after:.2f} s after kill -9; ready again {rejoined_after:.2f} s after its server was up,"
             f" of which the load itself took {loads[0]['load_seconds']:.2f} s"
         )
-        # The load of a server that just started includes its engine's first import: on a shared CPU, seconds.
-        assert rejoined_after < 15, rejoined_after
+        # The load of a server that just started includes its engine's first import (on a shared CPU, from
+        # seconds to over ten): Gantry's own part, noticing the server and starting and verifying the load, is bounded.
+        assert rejoined_after - loads[0]["load_seconds"] < 5, (rejoined_after, loads[0]["load_seconds"])
         questions = [ask(member, f"After the return {i}")[1] for i in range(6)]
         assert set(answered_by(site, questions).values()) == {"default", SECOND}
