@@ -289,14 +289,17 @@ def backend_event(backend: Backend | None = None) -> dict[str, Any]:
 
 def chat_state(default: Backend | None = None) -> dict[str, Any]:
     """The model's state as chat pages show it (without `type`): the default backend's; in a fleet, while
-    the default does not serve (it switches, or its server is away), another ready backend in rotation
-    holding the default model answers the messages, so chat shows that model ready."""
+    the default does not serve (it switches, is drained, or its server is away), another ready backend in
+    rotation holding the default model answers the messages, so chat shows that model ready."""
     default = default or default_backend()
     event = backend_event(default)
-    model = default.desired_model
-    if default.is_ready or not model:
+    if default.is_ready and default.in_rotation:
         return event
-    if not Backend.objects.filter(state=Backend.State.READY, in_rotation=True, active_model=model).exclude(pk=default.pk).exists():
-        return event
-    quiet = dict.fromkeys(("target_model", "trouble", "trouble_text", "abandoned_load", "operation_id"))
-    return {**event, **quiet, "state": Backend.State.READY, "active_model": model}
+    model = default.active_model if default.is_ready else default.desired_model
+    others = Backend.objects.filter(state=Backend.State.READY, in_rotation=True, active_model=model).exclude(pk=default.pk)
+    if model and others.exists():
+        quiet = dict.fromkeys(("target_model", "trouble", "trouble_text", "abandoned_load", "operation_id"))
+        return {**event, **quiet, "state": Backend.State.READY, "active_model": model}
+    if default.is_ready:
+        return {**event, "state": Backend.State.DRAINING}  # drained, and nobody else answers: "Model not available"
+    return event

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harness.site import ADMIN, MEMBER, Site, run_site
+from harness.site import ADMIN, MEMBER, Site, receive_until, run_site
 from harness.tabby_server import ADMIN_KEY, API_KEY, wait_loaded
 from tests.conftest import TINY, TINY_SERVER
 from tests.models_admin.fleet_live import SECOND, Pair, answered_by, ask, by_name, killed_mid_answer, listed
@@ -112,6 +112,19 @@ def test_a_drained_backend_gets_no_new_answers_and_takes_them_again_once_resumed
         assert resumed.status_code == 200 and resumed.json()["backend"]["state"] == "ready", resumed.text
         questions = [ask(member, f"Resumed {i}")[1] for i in range(6)]
         assert SECOND in answered_by(site, questions).values()
+
+
+async def test_with_the_default_drained_the_other_backend_answers_and_chat_pages_show_the_model_ready(site: Site) -> None:
+    with site.session(ADMIN) as admin, site.session(MEMBER) as member:
+        assert admin.post("/api/admin/backends/default/drain").json()["backend"]["state"] == "draining"
+        try:
+            questions = [ask(member, f"Default drained {i}")[1] for i in range(4)]
+            assert set(answered_by(site, questions).values()) == {SECOND}
+            async with site.socket("/ws/chat/", member) as page:
+                (greeting,) = (await receive_until(page, lambda e: e["type"] == "model.state"))[-1:]
+            assert (greeting["state"], greeting["active_model"]) == ("ready", TINY)
+        finally:
+            assert admin.post("/api/admin/backends/default/resume").json()["backend"]["state"] == "ready"
 
 
 # Failover
