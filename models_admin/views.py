@@ -37,5 +37,5 @@ def backends_tab(request: HttpRequest) -> HttpResponse:
 
 @staff_member_required(login_url="/login/")
 def activity_tab(request: HttpRequest) -> HttpResponse:
-    operations = Operation.objects.select_related("requested_by")[:200]
+    operations = Operation.objects.select_related("requested_by", "backend")[:200]
     return render(request, "models_admin/activity.html", {"tab": "activity", "operations": operations})
