@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import tempfile
 import time
+from contextlib import closing
 from pathlib import Path
 
 import httpx
 import websockets
 
-from bench.common import report
+from bench.common import median, report
 from harness.site import ADMIN, MEMBER, Site, run_site
 from harness.tabby_server import ADMIN_KEY, API_KEY, DEMO_MODELS, run_tabby, wait_loaded
 
@@ -20,6 +22,7 @@ MODEL = "Small-Chat-200M"
 SERVER = {"model": {"model_name": MODEL}, "developer": {"cpu_threads": 1}}
 CHATS = 8
 ROUNDS = 3  # messages each conversation sends, one after the other's answer
+REPEATS = 2
 QUESTION = "Tell me about the sea."
 
 
@@ -57,13 +60,26 @@ async def measure(site: Site, second_url: str) -> None:
         assert added.status_code == 201, added.text
         cookie = f"session_id={member.cookies['session_id']}"
         await throughput(site, member, cookie)  # warms up both servers and the site
-        await admin.post(site.url + "/api/admin/backends/second/drain")
-        one = await throughput(site, member, cookie)
-        await admin.post(site.url + "/api/admin/backends/second/resume")
-        two = await throughput(site, member, cookie)
-    print(f"{CHATS} conversations asking at once, {ROUNDS} questions each, {MODEL} on one CPU thread per server:")
+        ones, twos = [], []
+        for _ in range(REPEATS):  # alternated, so that a change of the machine's load weighs on both
+            await admin.post(site.url + "/api/admin/backends/second/drain")
+            ones.append(await throughput(site, member, cookie))
+            await admin.post(site.url + "/api/admin/backends/second/resume")
+            twos.append(await throughput(site, member, cookie))
+    one, two = median(ones), median(twos)
+    print(f"{CHATS} conversations asking at once, {ROUNDS} questions each, {MODEL} on one CPU thread per server,")
+    print(f"median of {REPEATS} alternated runs; answers per backend: {answers_by_backend(site)}")
     report("throughput, one backend (the other drained)", one, "pieces/s")
     report("throughput, two backends", two, "pieces/s", one, ">= 1.6x one backend's")
+
+
+def answers_by_backend(site: Site) -> dict[str, int]:
+    with closing(sqlite3.connect(f"file:{site.workdir / 'gantry.sqlite3'}?mode=ro", uri=True, timeout=20)) as db:
+        rows = db.execute(
+            "SELECT b.name, COUNT(*) FROM chat_message m JOIN models_admin_backend b ON b.id = m.backend_id"
+            " WHERE m.role = 'assistant' GROUP BY b.name"
+        ).fetchall()
+    return {str(name): int(count) for name, count in rows}
 
 
 def main() -> None:
