@@ -17,7 +17,8 @@ from django.utils import timezone
 from chat.models import Message
 from gantry.broadcast import TokenEvent, abroadcast, conversation_group
 from gantry.metrics import FIRST_TOKEN_SECONDS, TOKENS_PER_SECOND
-from models_admin.services import answer_client
+from models_admin.clients import answer_client
+from models_admin.models import Backend
 from models_admin.tabby_errors import BackendBadResponse, BackendError
 from models_admin.tabby_sse import ChatDelta
 
@@ -78,15 +79,17 @@ def too_long(exc: BackendError) -> bool:
 
 
 @asynccontextmanager
-async def opened(prompt: Prompt, taken: threading.Event | None = None) -> AsyncIterator[AsyncGenerator[ChatDelta, None]]:
-    """The answer's stream, once TabbyAPI has taken the request (`taken` is set then, or when it refused);
+async def opened(
+    prompt: Prompt, backend: Backend, taken: threading.Event | None = None
+) -> AsyncIterator[AsyncGenerator[ChatDelta, None]]:
+    """The answer's stream from the backend, once its TabbyAPI has taken the request (`taken` is set then, or when it refused);
     leaving closes the response, which ends the generation upstream (Stop, cancellation)."""
     params = {"max_tokens": settings.GANTRY_MAX_ANSWER_TOKENS, **prompt.params}
     async with AsyncExitStack() as stack:
         try:
             while True:
                 try:
-                    opening = answer_client().open_chat(prompt.messages(), **params)
+                    opening = answer_client(backend).open_chat(prompt.messages(), **params)
                     stream = await stack.enter_async_context(opening)
                     break
                 except BackendBadResponse as exc:

@@ -1,4 +1,5 @@
-"""The Admin Dashboard pages: the Models tab (with each model's Settings page) and the Activity tab."""
+"""The Admin Dashboard pages: the Models tab (with each model's Settings page), the Backends tab and the
+Activity tab."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from django.contrib.admin.views.decorators import staff_member_required
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 
+from models_admin import fleet
 from models_admin.model_settings import SettingsChange
 from models_admin.models import Operation
 from models_admin.services import backend_event, check_if_stale, default_backend, model_rows
@@ -37,8 +39,14 @@ def models_tab(request: HttpRequest) -> HttpResponse:
 
 
 @staff_member_required(login_url="/login/")
+def backends_tab(request: HttpRequest) -> HttpResponse:
+    """The fleet: every backend's state, model and running answers, its actions, and the Add form."""
+    return render(request, "models_admin/backends.html", {"tab": "backends", "backends": fleet.rows()})
+
+
+@staff_member_required(login_url="/login/")
 def activity_tab(request: HttpRequest) -> HttpResponse:
-    operations = list(Operation.objects.select_related("requested_by")[:ACTIVITY_ROWS])
+    operations = list(Operation.objects.select_related("requested_by", "backend")[:ACTIVITY_ROWS])
     changes = list(SettingsChange.objects.select_related("requested_by")[:ACTIVITY_ROWS])
     # One log, newest first: switches and unloads (`started`), settings changes (`created`).
     timed: list[tuple[datetime, dict[str, Any]]] = [(op.started, {"operation": op}) for op in operations]
