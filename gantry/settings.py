@@ -249,7 +249,7 @@ CELERY_BEAT_SCHEDULE = {
     # The fleet's health checks and reconciler (a round that finds nothing to do asks TabbyAPI nothing).
     "watch-fleet": {"task": "models_admin.fleet_tasks.watch_fleet", "schedule": 1.0, "options": {"expires": 1.0}},
 }
-CELERY_IMPORTS = ["models_admin.fleet_tasks"]
+CELERY_IMPORTS = ["models_admin.fleet_tasks", "models_admin.roll_tasks"]
 
 # Operations (README, "Metrics and health"). The token lets Prometheus read /metrics (empty: only admin
 # sessions can); Celery processes serve theirs on GANTRY_METRICS_PORT (0: not at all). With

@@ -20,8 +20,8 @@ from django.views.decorators.http import require_GET, require_POST
 from gantry import origins
 from gantry.parsers import loads
 from gantry.serving import in_web_thread
-from models_admin import operations
-from models_admin.models import Backend, Operation
+from models_admin import operations, rolling
+from models_admin.models import Backend, Operation, Roll
 from models_admin.services import default_backend, model_rows, sync_models
 from models_admin.tabby_errors import BackendAuthError, BackendError
 
@@ -105,6 +105,11 @@ async def switch(request: HttpRequest) -> JsonResponse:
     model_id = body.get("model_id") if body is not None else None
     if not isinstance(model_id, str) or not model_id:
         return detail('Send a JSON body like {"model_id": "<model name>"}.', 400)
+    strategy = body.get("strategy", Roll.Strategy.ROLLING) if body is not None else Roll.Strategy.ROLLING
+    if strategy not in Roll.Strategy.values:
+        return detail('The strategy is "rolling" (the default: one backend at a time, the others answering) or "all".', 400)
+    if await in_web_thread(rolling.is_fleet):
+        return await fleet_switch(request, model_id, strategy)
     try:
         operation = await in_web_thread(operations.request_switch, model_id, request.user, source_of(request))
     except operations.UnknownModel:
@@ -119,6 +124,32 @@ async def switch(request: HttpRequest) -> JsonResponse:
         return detail(message, 409, operation_id=running.pk)
     answer = JsonResponse({"message": f"Model switched to {model_id}", "model_id": model_id})
     return await when_over(operation, answer, SWITCH_FAILED)
+
+
+async def fleet_switch(request: HttpRequest, model_id: str, strategy: str) -> JsonResponse:
+    """The switch of a fleet (several backends): a roll, answered when it has ended."""
+    try:
+        roll = await in_web_thread(rolling.request_roll, model_id, request.user, source_of(request), strategy)
+    except operations.UnknownModel:
+        return detail(f"There is no model named {model_id}.", 404)
+    except BackendAuthError as exc:
+        return detail(SWITCH_FAILED, 502, reason=exc.message)
+    except rolling.RollConflict as exc:
+        message = f"Another fleet switch is running (to {exc.running.to_model}); try again when it ends."
+        return detail(message, 409, roll_id=exc.running.pk)
+    except operations.OperationConflict as exc:
+        running = exc.running
+        message = f"Another operation is running ({running.kind} to {running.to_model or 'nothing'}); try again when it ends."
+        return detail(message, 409, operation_id=running.pk)
+    answer = {"message": f"Model switched to {model_id}", "model_id": model_id, "roll_id": roll.pk if roll else None}
+    if roll is None:
+        return JsonResponse(answer)
+    ended = await rolling.wait_for_roll(roll.pk)
+    if ended.status == Operation.Status.SUCCEEDED:
+        return JsonResponse(answer)
+    step = await in_web_thread(rolling.failed_step, ended)
+    rolled_back = step.rolled_back if step else False
+    return detail(SWITCH_FAILED, 502, reason=ended.error, roll_id=ended.pk, operation_id=step.pk if step else None, rolled_back=rolled_back)
 
 
 @require_POST

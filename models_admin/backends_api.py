@@ -1,7 +1,7 @@
 """The Backends API (admin session, the errors and shapes of the admin API): the fleet's servers, and the
 actions on one of them. Keys are write-only: no answer ever carries them.
 
-- `GET /api/admin/backends` → `{"backends": [row, ...]}`; `POST` `{"name", "url", "api_key", "admin_key"}` → 201.
+- `GET /api/admin/backends` → `{"backends": [row, ...], "roll": the latest fleet switch or null}`; `POST` `{"name", "url", "api_key", "admin_key"}` → 201.
 - `GET`/`PATCH`/`DELETE /api/admin/backends/<name>/`.
 - `POST /api/admin/backends/<name>/drain`, `/resume`, `/unload`, `/switch {"model_id"}`.
 """
@@ -12,7 +12,7 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.http import require_http_methods, require_POST
 
 from gantry.serving import in_web_thread
-from models_admin import fleet, operations
+from models_admin import fleet, operations, rolling
 from models_admin.api import SWITCH_FAILED, UNLOAD_FAILED, admin_api, body_of, detail, source_of, when_over
 from models_admin.models import Backend
 from models_admin.signals import running_answers
@@ -30,7 +30,7 @@ def _row(backend: Backend) -> dict[str, object]:
 @admin_api
 def backends(request: HttpRequest) -> JsonResponse:
     if request.method == "GET":
-        return JsonResponse({"backends": fleet.rows()})
+        return JsonResponse({"backends": fleet.rows(), "roll": rolling.latest_roll()})
     body = body_of(request)
     if body is None:
         return detail(BODY, 400)

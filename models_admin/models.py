@@ -209,6 +209,8 @@ class Operation(models.Model):
     # "stalled" (no progress within GANTRY_SWITCH_TIMEOUT), "unreachable", "load_failed", "interrupted"...
     error_kind = models.CharField(max_length=32, blank=True, default="")
     rolled_back = models.BooleanField(default=False)
+    # The fleet switch this backend's switch is a step of (None: a switch of its own).
+    roll = models.ForeignKey("Roll", null=True, blank=True, on_delete=models.SET_NULL, related_name="operations")
     load_seconds = models.FloatField(null=True, blank=True)
     started = models.DateTimeField(auto_now_add=True)
     heartbeat = models.DateTimeField(default=timezone.now)
@@ -225,3 +227,32 @@ class Operation(models.Model):
     @property
     def duration(self) -> float | None:
         return (self.finished - self.started).total_seconds() if self.finished else None
+
+
+class Roll(models.Model):
+    """A fleet switch: the backends serving the old default model move to the new one, one at a time
+    (`rolling`: the others keep answering) or all at once (`all`). Each backend's switch is an Operation
+    of its own (`operations`); the roll is picked up from here by any process when its runner dies."""
+
+    class Strategy(models.TextChoices):
+        ROLLING = "rolling"
+        ALL = "all"
+
+    strategy = models.CharField(max_length=16, choices=Strategy.choices, default=Strategy.ROLLING)
+    status = models.CharField(max_length=16, choices=Operation.Status.choices, default=Operation.Status.RUNNING)
+    source = models.CharField(max_length=16, choices=Operation.Source.choices, default=Operation.Source.API)
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    from_model = models.CharField(max_length=200, blank=True, default="")
+    to_model = models.CharField(max_length=200)
+    # The names of the backends to move, in order (the default first: its success is the cutover).
+    backends = models.JSONField(default=list)
+    error = models.TextField(blank=True, default="")
+    started = models.DateTimeField(auto_now_add=True)
+    heartbeat = models.DateTimeField(default=timezone.now)
+    finished = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-started", "-id"]
+
+    def __str__(self) -> str:
+        return f"roll {self.from_model or '-'} → {self.to_model} ({self.status})"

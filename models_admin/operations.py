@@ -58,10 +58,10 @@ class StillLoading(Exception):
 
 
 def request_switch(
-    model_name: str, user: Any = None, source: str = Operation.Source.API, backend: Backend | None = None
+    model_name: str, user: Any = None, source: str = Operation.Source.API, backend: Backend | None = None, roll_id: int | None = None
 ) -> Operation | None:
     """Start a switch of a backend (None: the default) (or join its running switch to the same model);
-    None when the model is already active there."""
+    None when the model is already active there. `roll_id`: the fleet switch it is a step of."""
     backend = _fresh(backend)
     _refuse_while_running(backend, Operation.Kind.SWITCH, model_name)
     known = LanguageModel.objects.filter(backend=backend, name=model_name, present=True).exists()
@@ -83,7 +83,7 @@ def request_switch(
             raise OperationConflict(running)
         if confirmed and backend.is_ready and backend.active_model == model_name:
             return None
-        return _begin(backend, Operation.Kind.SWITCH, model_name, user, source)
+        return _begin(backend, Operation.Kind.SWITCH, model_name, user, source, roll_id)
 
 
 def request_unload(user: Any = None, source: str = Operation.Source.API, backend: Backend | None = None) -> Operation | None:
@@ -143,9 +143,10 @@ def _running(backend: Backend) -> Operation | None:
     return Operation.objects.running().filter(backend=backend).order_by("-started").first()
 
 
-def _begin(backend: Backend, kind: str, model_name: str, user: Any, source: str) -> Operation:
+def _begin(backend: Backend, kind: str, model_name: str, user: Any, source: str, roll_id: int | None = None) -> Operation:
     operation = Operation.objects.create(
         backend=backend,
+        roll_id=roll_id,
         kind=kind,
         source=source,
         from_model=backend.active_model,
@@ -158,7 +159,8 @@ def _begin(backend: Backend, kind: str, model_name: str, user: Any, source: str)
     backend.operation = operation
     backend.save(update_fields=["state", "target_model", "operation", "updated"])
     transaction.on_commit(lambda: _announce_begin(backend))
-    dispatch(tasks.run_operation, operation.pk)
+    if roll_id is None:
+        dispatch(tasks.run_operation, operation.pk)  # a fleet switch's step is run by the roll's runner
     return operation
 
 

@@ -26,6 +26,7 @@ from django.utils import timezone
 from gantry.sockets import pages_open
 from models_admin.fleet import backends, reconcile
 from models_admin.models import Backend
+from models_admin.rolling import resume_stale_rolls
 from models_admin.services import WATCH_EVERY, check_backend, end_abandoned_load
 from models_admin.signals import waiting_messages
 
@@ -41,6 +42,7 @@ def watch_round() -> float:
         watch_backend(backend, every_second=len(fleet) > 1)
     if len(fleet) > 1:
         reconcile()
+        resume_stale_rolls()
     return WATCH_EVERY
 
 
