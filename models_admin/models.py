@@ -224,6 +224,15 @@ class Operation(models.Model):
     def __str__(self) -> str:
         return f"{self.kind} {self.from_model or '-'} → {self.to_model or '-'} ({self.status})"
 
+    def roll_share(self, percent: float, text: str) -> tuple[float, str]:
+        """A rolling fleet switch's step's progress as the whole roll's: its percent of the roll, and its
+        text naming the backend (a step of its own, or of an `all` roll, is unchanged)."""
+        roll = self.roll
+        if roll is None or roll.strategy != Roll.Strategy.ROLLING or self.backend.name not in roll.backends:
+            return percent, text
+        index, count = roll.backends.index(self.backend.name), len(roll.backends)
+        return round((index * 100 + percent) / count, 1), f"{self.backend.name} ({index + 1} of {count}): {text}"
+
     @property
     def duration(self) -> float | None:
         return (self.finished - self.started).total_seconds() if self.finished else None

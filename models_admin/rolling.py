@@ -46,8 +46,11 @@ def request_roll(model_name: str, user: Any = None, source: str = Operation.Sour
         sync_models(backend=default)
         if not LanguageModel.objects.filter(name=model_name, present=True).exists():
             raise operations.UnknownModel(model_name)
+    # The backends serving the default model, and those a stopped roll left on its old model.
+    olds = {old} | {roll.from_model for roll in Roll.objects.order_by("-started", "-id")[:1] if roll.status == Operation.Status.FAILED}
+    olds.discard("")
     moving = [default] + [
-        b for b in fleet.backends() if not b.is_default and b.state != Backend.State.UNREACHABLE and old and old in (b.active_model, b.desired_model)
+        b for b in fleet.backends() if not b.is_default and b.state != Backend.State.UNREACHABLE and olds & {b.active_model, b.desired_model}
     ]
     with transaction.atomic():
         default_backend(locked=True)

@@ -77,19 +77,22 @@ class Reporter:
         if new_step or now - self._last_saved >= SAVE_PROGRESS_EVERY or percent >= 100:
             op.save(update_fields=["step", "percent", "text", "heartbeat"])
             self._last_saved = now
+        shown, text = op.roll_share(op.percent, text)  # a fleet switch's step: the bar is the whole switch's
         event = ModelProgressEvent(
             type="model.progress",
             operation_id=op.pk,
             step=step,
             model=op.to_model or op.from_model or None,
-            percent=op.percent,
+            percent=shown,
             module=module,
             modules=modules,
             text=text,
             eta_seconds=self.eta(module, modules),
         )
         if not op.backend.is_default:
-            # Another backend's steps are saved (the audit log); pages follow the default's progress.
+            # Another backend's steps are saved (the audit log); the Models pages show a fleet switch's.
+            if op.roll_id is not None:
+                broadcast(MODELS_GROUP, event)
             self._last_step = step
             return
         broadcast(MODELS_GROUP, event)
@@ -173,7 +176,7 @@ def _take(inbox: queue.Queue[tuple[str, Any]], wait: float, beat: Callable[[], N
 
 def run_operation(operation_id: int) -> None:
     """The body of the Celery task: run a recorded switch or unload to its end."""
-    operation = Operation.objects.select_related("backend").get(pk=operation_id)
+    operation = Operation.objects.select_related("backend", "roll").get(pk=operation_id)
     if operation.status != Operation.Status.RUNNING:
         return
     reporter = Reporter(operation)

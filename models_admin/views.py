@@ -10,7 +10,7 @@ from django.contrib.admin.views.decorators import staff_member_required
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 
-from models_admin import fleet
+from models_admin import fleet, rolling
 from models_admin.model_settings import SettingsChange
 from models_admin.models import Operation
 from models_admin.services import backend_event, check_if_stale, default_backend, model_rows
@@ -41,7 +41,7 @@ def models_tab(request: HttpRequest) -> HttpResponse:
 @staff_member_required(login_url="/login/")
 def backends_tab(request: HttpRequest) -> HttpResponse:
     """The fleet: every backend's state, model and running answers, its actions, and the Add form."""
-    return render(request, "models_admin/backends.html", {"tab": "backends", "backends": fleet.rows()})
+    return render(request, "models_admin/backends.html", {"tab": "backends", "backends": fleet.rows(), "roll": rolling.latest_roll()})
 
 
 @staff_member_required(login_url="/login/")

@@ -11,6 +11,9 @@
   const form = document.getElementById("add-form");
   const addButton = document.getElementById("add-button");
   let backends = JSON.parse(document.getElementById("backends-data").textContent);
+  let roll = JSON.parse(document.getElementById("roll-data").textContent);
+  const rollPanel = document.getElementById("roll-panel");
+  let rollReload = null;
 
   function api(method, url, body) {
     return window.gantry.api(method, url, body, { "X-Gantry-Source": "dashboard" });
@@ -91,13 +94,59 @@
     return tr;
   }
 
+  // A fleet switch: the bar of the whole switch, and each backend's step line and bar.
+  function progress(text, percent, status, className) {
+    const box = document.createElement("div");
+    box.className = "progress " + className;
+    box.dataset.step = status === "succeeded" ? "done" : status;
+    const line = document.createElement("div");
+    line.className = "progress-line";
+    const label = document.createElement("span");
+    label.className = "progress-text";
+    label.textContent = text;
+    const figure = document.createElement("span");
+    figure.className = "progress-percent";
+    figure.textContent = Math.round(percent) + " %";
+    line.append(label, figure);
+    const track = document.createElement("div");
+    track.className = "progress-track";
+    const fill = document.createElement("div");
+    fill.className = "progress-fill";
+    fill.style.width = percent + "%";
+    track.append(fill);
+    box.append(line, track);
+    return box;
+  }
+
+  function drawRoll() {
+    rollPanel.hidden = !roll;
+    if (!roll) return;
+    const labels = { running: "Switching", succeeded: "Switched", failed: "Stopped" };
+    document.getElementById("roll-summary").textContent =
+      (roll.from_model || "nothing") + " → " + roll.to_model + " (" + (roll.strategy === "all" ? "all at once" : "one backend at a time") + ")";
+    document.getElementById("roll-text").textContent = (labels[roll.status] || roll.status) + (roll.error ? ": " + roll.error : "");
+    document.getElementById("roll-percent").textContent = Math.round(roll.percent) + " %";
+    document.getElementById("roll-fill").style.width = roll.percent + "%";
+    document.getElementById("roll-whole").dataset.step = roll.status === "succeeded" ? "done" : roll.status;
+    document.getElementById("roll-steps").replaceChildren(
+      ...roll.backends.map((b) => {
+        const box = progress(b.name + ": " + b.text + (b.rolled_back ? " (rolled back)" : ""), b.percent, b.status, "roll-step");
+        box.dataset.backend = b.name;
+        return box;
+      }),
+    );
+  }
+
   function draw() {
     rowsBody.replaceChildren(...backends.map(row));
+    drawRoll();
   }
 
   async function reload() {
     try {
-      backends = (await api("GET", "/api/admin/backends")).backends;
+      const answer = await api("GET", "/api/admin/backends");
+      backends = answer.backends;
+      roll = answer.roll;
       draw();
     } catch (error) {
       showError(error.message);
@@ -137,6 +186,11 @@
   });
 
   function onEvent(event) {
+    if (event.type === "model.progress") {
+      // A switch moved (a fleet switch's steps among them): read again, at most twice a second.
+      if (!rollReload) rollReload = setTimeout(() => { rollReload = null; reload(); }, 500);
+      return;
+    }
     if (event.type !== "backend.state") return;
     const index = backends.findIndex((b) => b.name === event.backend.name);
     if (index < 0) { reload(); return; }

@@ -2,7 +2,8 @@
 chat: the backends move to the new model one at a time, no message waits for a model, and a failing
 load on the second backend rolls that backend back and stops the roll while chat goes on.
 
-Three chatters (each a conversation with its socket open) send a new message about 2 s after their
+The switch goes from Tiny-Chat-5M to Small-Chat-200M (the larger load, throttled, so that messages
+are sent during it). Three chatters (each a conversation with its socket open) send a new message about 2 s after their
 previous answer ends: fewer than ten, as the site, the two model servers and the tests share two cores.
 """
 
@@ -29,7 +30,9 @@ SMALL = "Small-Chat-200M"
 OTHER = "Other-Chat"  # a good model on the default backend's server, a broken folder on the second's
 CHATTERS = 3
 PAUSE = 2.0  # seconds between an answer's end and the chatter's next message
-SERVER = {"model": {"model_name": SMALL}, "developer": {"cpu_threads": 1}}
+# At 40 MB/s the 200 MB model takes about 5 s to load on each backend: a switch to it lasts long enough for
+# every chatter to send messages during it.
+SERVER = {"model": {"model_name": TINY, "load_throttle_mbps": 40}, "developer": {"cpu_threads": 1}}
 
 
 def _models(folder: Path, demo_models: Path, other_broken: bool) -> Path:
@@ -51,7 +54,7 @@ def pair(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     second = RestartableTabby(root / "second", _models(root / "models-second", demo_models, other_broken=True))
     try:
         for server in (first, second):
-            wait_loaded(server.start(SERVER), SMALL)
+            wait_loaded(server.start(SERVER), TINY)
         yield first, second
     finally:
         first.stop()
@@ -115,7 +118,9 @@ def _answers(site: Site, asked: list[dict[str, Any]]) -> dict[int, dict[str, Any
     ids = [a["question"] for a in asked]
     rows = query(
         site,
-        "SELECT m.reply_to_id AS q, m.status, m.model_name, b.name AS backend FROM chat_message m LEFT JOIN models_admin_backend b"
+        # `held`: from the message's post to its claim by a backend (when its answer row is made).
+        "SELECT m.reply_to_id AS q, m.status, m.model_name, b.name AS backend, (julianday(m.created) - julianday(q.created)) * 86400 AS held"
+        " FROM chat_message m JOIN chat_message q ON q.id = m.reply_to_id LEFT JOIN models_admin_backend b"
         f" ON b.id = m.backend_id WHERE m.reply_to_id IN ({','.join('?' * len(ids))})",
         *ids,
     )
@@ -146,50 +151,53 @@ def _check_every_message(site: Site, asked: list[dict[str, Any]], began: float, 
     # Every message answered, exactly once (one answer row per question), none failed.
     assert len({a["question"] for a in asked}) == len(asked) == len(answers)
     assert all(row["status"] == "done" for row in answers.values()), answers
-    before = [a["wait"] for a in asked if a["sent"] < began]
-    during = [a["wait"] for a in asked if began <= a["sent"] <= ended]
+    before = [a for a in asked if a["sent"] < began]
+    during = [a for a in asked if began <= a["sent"] <= ended]
     assert before and during, (before, during)
-    median = statistics.median(before)
+    held_before = statistics.median(answers[a["question"]]["held"] for a in before)
+    held_during = max(answers[a["question"]]["held"] for a in during)
     print(
-        f"FIGURES roll: {len(asked)} messages; post to first token before the switch median {median:.2f} s,"
-        f" during it {len(during)} messages, longest {max(during):.2f} s, switch {ended - began:.1f} s"
+        f"FIGURES roll: {len(asked)} messages, {len(during)} sent during the {ended - began:.1f} s switch; post to claim: median"
+        f" {held_before:.3f} s before, longest {held_during:.3f} s during; post to first token: median"
+        f" {statistics.median(a['wait'] for a in before):.2f} s before, longest {max(a['wait'] for a in during):.2f} s during"
     )
-    # None held for a model: a held message would wait for a whole load (seconds).
-    assert max(during) <= 2 * median + 1, (max(during), median)
+    # None held for a model: a held message would wait for a whole load (5 s). (The time to the first
+    # token is printed, not bounded: the two models differ in speed, and the loads share the CPU.)
+    assert held_during <= 2 * held_before + 1, (held_during, held_before)
     return answers
 
 
 async def test_a_fleet_switch_moves_one_backend_at_a_time_and_no_message_waits(site: Site) -> None:
-    answer, asked, began, ended = await _switch_while_chatting(site, TINY)
+    answer, asked, began, ended = await _switch_while_chatting(site, SMALL)
     assert answer.status_code == 200, answer.text
     roll_id = answer.json()["roll_id"]
     answers = _check_every_message(site, asked, began, ended)
 
     # The audit log: the default backend's step, then the second's, begun after the first had ended.
     steps = _steps(site, roll_id)
-    assert [(s["name"], s["status"], s["to_model"]) for s in steps] == [("default", "succeeded", TINY), (SECOND, "succeeded", TINY)]
+    assert [(s["name"], s["status"], s["to_model"]) for s in steps] == [("default", "succeeded", SMALL), (SECOND, "succeeded", SMALL)]
     assert steps[1]["started"] >= steps[0]["finished"]
-    # Before the cutover (the default backend's step ended) Small answered, after it Tiny.
-    # (A question sent while the first backend moved is answered by the other on Small, or, sent in
-    # the instant of the cutover, by Tiny.)
+    # Before the cutover (the default backend's step ended) Tiny answered, after it Small.
+    # (A question sent while the first backend moved is answered by the other on Tiny, or, sent in
+    # the instant of the cutover, by Small.)
     started, cutover = (_last_question_before(site, steps[0]["id"], moment) for moment in ("started", "finished"))
     models = {q: row["model_name"] for q, row in answers.items()}
-    assert all(m == SMALL for q, m in models.items() if q <= started), models
-    assert all(m == TINY for q, m in models.items() if q > cutover), models
+    assert all(m == TINY for q, m in models.items() if q <= started), models
+    assert all(m == SMALL for q, m in models.items() if q > cutover), models
     assert SMALL in models.values() and TINY in models.values()
     with site.session(ADMIN) as admin:
         rows = by_name(admin)
-        assert {(r["active_model"], r["desired_model"], r["state"]) for r in rows.values()} == {(TINY, TINY, "ready")}
+        assert {(r["active_model"], r["desired_model"], r["state"]) for r in rows.values()} == {(SMALL, SMALL, "ready")}
         roll = admin.get("/api/admin/backends").json()["roll"]
         assert (roll["id"], roll["status"], roll["percent"]) == (roll_id, "succeeded", 100.0)
         assert [b["name"] for b in roll["backends"]] == ["default", SECOND]
         activity = admin.get("/admin/activity/").text
-        assert activity.count(SECOND) >= 1 and TINY in activity
+        assert activity.count(SECOND) >= 1 and SMALL in activity
 
 
 async def test_a_failing_load_on_the_second_backend_rolls_it_back_and_stops_the_roll_while_chat_goes_on(site: Site) -> None:
     with site.session(ADMIN) as admin:
-        assert {r["active_model"] for r in listed(admin)} == {TINY}
+        assert {r["active_model"] for r in listed(admin)} == {SMALL}
     answer, asked, began, ended = await _switch_while_chatting(site, OTHER)
     assert answer.status_code == 502, answer.text
     body = answer.json()
@@ -201,6 +209,21 @@ async def test_a_failing_load_on_the_second_backend_rolls_it_back_and_stops_the_
         rows = by_name(admin)
         # The first backend holds the new default; the second is back on its model and ready.
         assert (rows["default"]["active_model"], rows["default"]["state"]) == (OTHER, "ready")
-        assert (rows[SECOND]["active_model"], rows[SECOND]["state"]) == (TINY, "ready")
+        assert (rows[SECOND]["active_model"], rows[SECOND]["state"]) == (SMALL, "ready")
         roll = admin.get("/api/admin/backends").json()["roll"]
         assert roll["status"] == "failed" and [b["status"] for b in roll["backends"]] == ["succeeded", "failed"]
+
+
+def test_the_all_strategy_switches_every_backend_at_once_including_one_a_stopped_roll_left_behind(site: Site) -> None:
+    with site.session(ADMIN) as admin:
+        # The stopped roll left the second backend on Small: this switch moves it too.
+        answer = admin.post("/api/admin/models/switch", json={"model_id": TINY, "strategy": "all"}, timeout=300)
+        assert answer.status_code == 200, answer.text
+        steps = _steps(site, answer.json()["roll_id"])
+        assert sorted((s["name"], s["status"], s["to_model"]) for s in steps) == [("default", "succeeded", TINY), (SECOND, "succeeded", TINY)]
+        # Side by side: the second began before the first had ended.
+        assert max(s["started"] for s in steps) < min(s["finished"] for s in steps)
+        rows = by_name(admin)
+        assert {(r["active_model"], r["desired_model"], r["state"]) for r in rows.values()} == {(TINY, TINY, "ready")}
+        wrong = admin.post("/api/admin/models/switch", json={"model_id": TINY, "strategy": "sideways"})
+        assert wrong.status_code == 400 and "strategy" in wrong.json()["detail"]
