@@ -14,6 +14,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,7 @@ async def _chatter(site: Site, member: httpx.Client, stop: asyncio.Event, asked:
             await asyncio.sleep(PAUSE)
 
 
-async def _switch_while_chatting(site: Site, model: str) -> tuple[httpx.Response, list[dict[str, Any]], float, float]:
+async def switch_while_chatting(site: Site, model: str) -> tuple[httpx.Response, list[dict[str, Any]], float, float]:
     """A fleet switch to `model` while CHATTERS chat; the answer, what was asked, and when the switch
     began and ended (monotonic)."""
     asked: list[dict[str, Any]] = []
@@ -118,16 +119,19 @@ def _answers(site: Site, asked: list[dict[str, Any]]) -> dict[int, dict[str, Any
     ids = [a["question"] for a in asked]
     rows = query(
         site,
-        # `held`: from the message's post to its claim by a backend (when its answer row is made).
-        "SELECT m.reply_to_id AS q, m.status, m.model_name, b.name AS backend, (julianday(m.created) - julianday(q.created)) * 86400 AS held"
+        "SELECT m.reply_to_id AS q, m.status, m.model_name, b.name AS backend, q.created AS asked, m.created AS claimed"
         " FROM chat_message m JOIN chat_message q ON q.id = m.reply_to_id LEFT JOIN models_admin_backend b"
         f" ON b.id = m.backend_id WHERE m.reply_to_id IN ({','.join('?' * len(ids))})",
         *ids,
     )
+    for row in rows:
+        # `held`: from the message's post to its claim by a backend (when its answer row is made).
+        asked, claimed = (v if isinstance(v, datetime) else datetime.fromisoformat(v) for v in (row["asked"], row["claimed"]))
+        row["held"] = (claimed - asked).total_seconds()
     return {row["q"]: row for row in rows}
 
 
-def _steps(site: Site, roll_id: int) -> list[dict[str, Any]]:
+def steps_of(site: Site, roll_id: int) -> list[dict[str, Any]]:
     return query(
         site,
         "SELECT o.id, b.name, o.status, o.to_model, o.rolled_back, o.started, o.finished FROM models_admin_operation o"
@@ -146,7 +150,7 @@ def _last_question_before(site: Site, step_id: int, moment: str) -> int:
     return int(rows[0]["q"] or 0)
 
 
-def _check_every_message(site: Site, asked: list[dict[str, Any]], began: float, ended: float) -> dict[int, dict[str, Any]]:
+def check_every_message(site: Site, asked: list[dict[str, Any]], began: float, ended: float) -> dict[int, dict[str, Any]]:
     answers = _answers(site, asked)
     # Every message answered, exactly once (one answer row per question), none failed.
     assert len({a["question"] for a in asked}) == len(asked) == len(answers)
@@ -168,13 +172,13 @@ def _check_every_message(site: Site, asked: list[dict[str, Any]], began: float, 
 
 
 async def test_a_fleet_switch_moves_one_backend_at_a_time_and_no_message_waits(site: Site) -> None:
-    answer, asked, began, ended = await _switch_while_chatting(site, SMALL)
+    answer, asked, began, ended = await switch_while_chatting(site, SMALL)
     assert answer.status_code == 200, answer.text
     roll_id = answer.json()["roll_id"]
-    answers = _check_every_message(site, asked, began, ended)
+    answers = check_every_message(site, asked, began, ended)
 
     # The audit log: the default backend's step, then the second's, begun after the first had ended.
-    steps = _steps(site, roll_id)
+    steps = steps_of(site, roll_id)
     assert [(s["name"], s["status"], s["to_model"]) for s in steps] == [("default", "succeeded", SMALL), (SECOND, "succeeded", SMALL)]
     assert steps[1]["started"] >= steps[0]["finished"]
     # Before the cutover (the default backend's step ended) Tiny answered, after it Small.
@@ -198,12 +202,12 @@ async def test_a_fleet_switch_moves_one_backend_at_a_time_and_no_message_waits(s
 async def test_a_failing_load_on_the_second_backend_rolls_it_back_and_stops_the_roll_while_chat_goes_on(site: Site) -> None:
     with site.session(ADMIN) as admin:
         assert {r["active_model"] for r in listed(admin)} == {SMALL}
-    answer, asked, began, ended = await _switch_while_chatting(site, OTHER)
+    answer, asked, began, ended = await switch_while_chatting(site, OTHER)
     assert answer.status_code == 502, answer.text
     body = answer.json()
     assert body["rolled_back"] is True and SECOND in body["reason"]
-    _check_every_message(site, asked, began, ended)
-    steps = _steps(site, body["roll_id"])
+    check_every_message(site, asked, began, ended)
+    steps = steps_of(site, body["roll_id"])
     assert [(s["name"], s["status"], s["rolled_back"]) for s in steps] == [("default", "succeeded", 0), (SECOND, "failed", 1)]
     with site.session(ADMIN) as admin:
         rows = by_name(admin)
@@ -219,7 +223,7 @@ def test_the_all_strategy_switches_every_backend_at_once_including_one_a_stopped
         # The stopped roll left the second backend on Small: this switch moves it too.
         answer = admin.post("/api/admin/models/switch", json={"model_id": TINY, "strategy": "all"}, timeout=300)
         assert answer.status_code == 200, answer.text
-        steps = _steps(site, answer.json()["roll_id"])
+        steps = steps_of(site, answer.json()["roll_id"])
         assert sorted((s["name"], s["status"], s["to_model"]) for s in steps) == [("default", "succeeded", TINY), (SECOND, "succeeded", TINY)]
         # Side by side: the second began before the first had ended.
         assert max(s["started"] for s in steps) < min(s["finished"] for s in steps)
