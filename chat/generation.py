@@ -13,19 +13,24 @@ import concurrent.futures
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.db import transaction
+from django.db.models import Subquery
 from django.utils import timezone
 
+from chat.balance import others_for
 from chat.models import Message
-from chat.streaming import Pace, Stopped, opened, relay, too_long
+from chat.streaming import Pace, Prompt, Stopped, opened, relay, too_long
 from gantry.background import spawn
 from gantry.broadcast import DoneEvent, ErrorEvent, Event, MessageEvent, abroadcast, broadcast, conversation_group
-from models_admin.services import default_backend, note_nothing_loaded, request_check
+from models_admin.models import Backend, ModelSettings
+from models_admin.services import check_backend, note_nothing_loaded, record_trouble, request_check
+from models_admin.settings_fields import chat_defaults
 from models_admin.tabby_errors import BackendError, BackendUnavailable, GenerationFailed, NoModelLoaded
 
 log = logging.getLogger(__name__)
@@ -51,24 +56,28 @@ class Answer:
 
 @dataclass
 class Claimed:
-    """A question taken from the queue, its answer's row, and the conversation to send TabbyAPI."""
+    """A question taken from the queue, its answer's row, the conversation to send TabbyAPI, and the
+    backend that answers it."""
 
     answer: Answer
-    history: list[dict[str, str]] = field(default_factory=list)
+    backend: Backend
+    history: Prompt
 
 
 # Claiming
 
 
-def claim(question: Message) -> Claimed | None:
-    """Take a queued message for answering (exactly once across processes); make its answer row."""
+def claim(question: Message, backend: Backend) -> Claimed | None:
+    """Take a queued message for answering by `backend` (exactly once across processes); make its answer row."""
     # Claiming is the answer's first heartbeat: a message held longer than ANSWER_HEARTBEAT_SECONDS would
     # otherwise look orphaned (and be queued again) before its first save.
     now = timezone.now()
-    if not Message.objects.filter(pk=question.pk, status=Message.Status.QUEUED).update(status=Message.Status.GENERATING, updated=now):
+    queued = Message.objects.filter(pk=question.pk, status=Message.Status.QUEUED)
+    if not queued.update(status=Message.Status.GENERATING, updated=now, backend=backend):
         return None
-    question.status, question.updated = Message.Status.GENERATING, now
-    return Claimed(Answer(question, answer_row(question)), history(question.conversation_id, question.content, before=question.created))
+    question.status, question.updated, question.backend = Message.Status.GENERATING, now, backend
+    turns = history(question.conversation_id, question.content, before=question.created, model=backend.active_model)
+    return Claimed(Answer(question, answer_row(question)), backend, turns)
 
 
 def answer_row(question: Message, answered_before: bool = True) -> Message:
@@ -84,15 +93,19 @@ def answer_row(question: Message, answered_before: bool = True) -> Message:
     return reply
 
 
-def history(conversation_id: int, content: str, before: datetime | None = None) -> list[dict[str, str]]:
+def history(conversation_id: int, content: str, before: datetime | None = None, model: str | None = None) -> Prompt:
     """What to send TabbyAPI for the question `content` asked at `before` (None: a question not saved yet,
-    after everything): the conversation's answered turns before it, oldest first, then the question."""
+    after everything): the conversation's answered turns before it, oldest first, then the question; with
+    the settings of `model` (None: the model the backend holds), its system prompt first."""
     turns: list[dict[str, str]] = []
     for question, answer in Message.objects.turns(conversation_id, before):
         turns.append({"role": "user", "content": question})
         if answer is not None:
             turns.append({"role": "assistant", "content": answer})
-    return turns + [{"role": "user", "content": content}]
+    served = Backend.objects.filter(name="default").values("active_model")[:1]
+    values = ModelSettings.objects.values_of(model if model is not None else Subquery(served))
+    system, params = chat_defaults(values, settings.GANTRY_MAX_ANSWER_TOKENS)
+    return Prompt(turns + [{"role": "user", "content": content}], system, params)
 
 
 def requeue(message_id: int, note: str) -> None:
@@ -117,7 +130,7 @@ def cancel_here(message_id: int) -> None:
 
 async def generate(claimed: Claimed, then: Callable[[], None]) -> None:
     """Stream the answer to a claimed question to the conversation's pages, saving it as it grows."""
-    await _generate(claimed.history, _now(claimed.answer), then)
+    await _generate(claimed.history, _now(claimed.answer), then, claimed.backend)
 
 
 async def _now(answer: Answer) -> Answer | None:
@@ -135,9 +148,9 @@ class EarlyRequest:
     def __init__(self) -> None:
         self._saved: concurrent.futures.Future[Answer | None] = concurrent.futures.Future()
 
-    def send(self, history: list[dict[str, str]], then: Callable[[], None]) -> None:
+    def send(self, history: Prompt, then: Callable[[], None], backend: Backend) -> None:
         taken = threading.Event()
-        spawn(_generate(history, self._when_saved(), then, taken))
+        spawn(_generate(history, self._when_saved(), then, backend, taken))
         # Saving the rows needs the interpreter, as sending the request does: the request goes first.
         taken.wait(timeout=REQUEST_HEAD_START)
 
@@ -182,18 +195,22 @@ class _Announcement:
 
 
 async def _generate(
-    history: list[dict[str, str]], saved: Awaitable[Answer | None], then: Callable[[], None], taken: threading.Event | None = None
+    history: Prompt,
+    saved: Awaitable[Answer | None],
+    then: Callable[[], None],
+    backend: Backend,
+    taken: threading.Event | None = None,
 ) -> None:
-    """The answer's request goes to TabbyAPI at once (`taken` is set once TabbyAPI has it, or has refused
-    it); `saved` gives its rows once they are in the database (None: they never will be, and the answer
-    ends unseen)."""
+    """The answer's request goes to the backend's TabbyAPI at once (`taken` is set once TabbyAPI has it,
+    or has refused it); `saved` gives its rows once they are in the database (None: they never will be,
+    and the answer ends unseen)."""
     answer: Answer | None = None
     announcement: _Announcement | None = None
     pieces: list[str] = []
     status, error, model = Message.Status.DONE, "", ""
     pace = Pace()
     try:
-        async with opened(history, taken) as stream:
+        async with opened(history, backend, taken) as stream:
             answer = await saved
             if answer is None:
                 return  # leaving closes the request, which ends the generation upstream
@@ -212,15 +229,15 @@ async def _generate(
             return
         log.warning("Answer to message %s failed: %s", answer.question.pk, exc.message)
         status, error = Message.Status.FAILED, failure_sentence(exc)
-        if await sync_to_async(_held_back)(answer.question, exc):
+        if await sync_to_async(_held_back)(answer.question, exc, backend):
             status = Message.Status.QUEUED
         elif isinstance(exc, BackendUnavailable):
-            await sync_to_async(request_check)()  # the model's state is in doubt: the banner follows within seconds
+            await sync_to_async(request_check)(0.0, backend)  # the model's state is in doubt: the banner follows within seconds
     finally:
         if answer is not None:
             _running.pop(answer.question.pk, None)
     await (announcement or _Announcement(answer)).sent()  # before any later event
-    await _ended(answer, "".join(pieces), status, error, model, then)
+    await _ended(answer, "".join(pieces), status, error, model, then, backend)
 
 
 def _current_task() -> asyncio.Task[Any]:
@@ -229,14 +246,16 @@ def _current_task() -> asyncio.Task[Any]:
     return task
 
 
-async def _ended(answer: Answer, content: str, status: str, error: str, model: str, then: Callable[[], None]) -> None:
+async def _ended(
+    answer: Answer, content: str, status: str, error: str, model: str, then: Callable[[], None], backend: Backend
+) -> None:
     question, reply = answer.question, answer.reply
     group = conversation_group(question.conversation_id)
     if status == Message.Status.QUEUED:
         await abroadcast(group, DoneEvent(type="chat.done", message_id=reply.pk, status=Message.Status.CANCELLED))
         then()
         return
-    if not await _finish(question, reply, content, status, error, model):
+    if not await _finish(question, reply, content, status, error, model, backend):
         then()  # the conversation was deleted while its answer streamed: nothing left to save or show
         return
     if status == Message.Status.FAILED:
@@ -249,15 +268,25 @@ async def _ended(answer: Answer, content: str, status: str, error: str, model: s
 
 
 @sync_to_async
-def _finish(question: Message, reply: Message, content: str, status: str, error: str = "", model: str = "") -> bool:
-    """Save the ended answer; False when its rows are gone (its conversation was deleted meanwhile)."""
+def _finish(
+    question: Message, reply: Message, content: str, status: str, error: str = "", model: str = "", backend: Backend | None = None
+) -> bool:
+    """Save the ended answer, with the backend and model that gave it; False when its rows are gone (its
+    conversation was deleted meanwhile)."""
     with transaction.atomic():
         # A Stop that landed first keeps its "cancelled".
         Message.objects.filter(pk=question.pk, status=Message.Status.GENERATING).update(status=status, error=error)
         reply.content, reply.status, reply.error = content, status, error
         reply.model_name = model or reply.model_name
         # An UPDATE by id, not save(): a deleted row is no error, only nothing to update.
-        fields = {"content": content, "status": status, "error": error, "model_name": reply.model_name, "updated": timezone.now()}
+        fields = {
+            "content": content,
+            "status": status,
+            "error": error,
+            "model_name": reply.model_name,
+            "backend": backend,
+            "updated": timezone.now(),
+        }
         return bool(Message.objects.filter(pk=reply.pk).update(**fields))
 
 
@@ -279,18 +308,37 @@ def failure_sentence(exc: BackendError) -> str:
     return f"The model server answered with an error ({reason}). Your message is kept: press Retry to send it again."
 
 
-def _held_back(question: Message, exc: BackendError) -> bool:
-    """Queue the question again instead of failing it when a model swap got in the way.
+def _held_back(question: Message, exc: BackendError, backend: Backend) -> bool:
+    """Queue the question again instead of failing it when a model swap or a failed backend got in the way.
 
     TabbyAPI answers 503 while nothing is loaded (a swap made outside Gantry races us), and cuts
-    answers that outlive a switch's drain: both are for the next model to answer.
+    answers that outlive a switch's drain: both are for the next model to answer. In a fleet, an
+    answer cut off by its backend's death goes to another backend holding the same model.
     """
-    swapping = not default_backend().is_ready
+    if _failed_over(question, exc, backend):
+        return True
+    now = Backend.objects.filter(pk=backend.pk).first()
+    swapping = now is None or not now.is_ready
     if not (isinstance(exc, NoModelLoaded) or (swapping and isinstance(exc, GenerationFailed))):
         return False
     note = "Interrupted by a model switch; it will be answered by the new model." if swapping else ""
     if isinstance(exc, NoModelLoaded):
-        note_nothing_loaded()  # close the gate first: the requeued message is not sent to be refused again
+        note_nothing_loaded(backend)  # close the gate first: the requeued message is not sent to be refused again
+    Message.objects.filter(reply_to=question).update(content="", status=Message.Status.CANCELLED, error=note)
+    requeue(question.pk, note)
+    return True
+
+
+def _failed_over(question: Message, exc: BackendError, backend: Backend) -> bool:
+    """In a fleet, an answer whose backend stopped answering mid-way (or before it began) is queued again,
+    for another backend holding the same model; the backend leaves the rotation at once."""
+    if not isinstance(exc, (BackendUnavailable, GenerationFailed)) or not others_for(backend, backend.active_model):
+        return False
+    if isinstance(exc, BackendUnavailable):
+        record_trouble(exc, backend)
+    elif check_backend(backend).state != Backend.State.UNREACHABLE:
+        return False  # the backend still answers: the model's own error, not the server's death
+    note = "Interrupted: the model server answering it stopped. It will be answered again."
     Message.objects.filter(reply_to=question).update(content="", status=Message.Status.CANCELLED, error=note)
     requeue(question.pk, note)
     return True

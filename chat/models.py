@@ -7,6 +7,8 @@ from django.conf import settings
 from django.db import connection, models
 from django.utils import timezone
 
+from models_admin.models import Backend
+
 
 class ConversationQuerySet(models.QuerySet):
     def owned_by(self, user: Any) -> ConversationQuerySet:
@@ -115,6 +117,8 @@ class Message(models.Model):
     # The user message an answer replies to (the answer of a retried message is the same row again).
     reply_to = models.OneToOneField("self", null=True, blank=True, on_delete=models.CASCADE, related_name="answer")
     model_name = models.CharField(max_length=200, blank=True, default="")
+    # The backend answering a question (set when it is claimed), and the one that answered an answer.
+    backend = models.ForeignKey(Backend, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
 

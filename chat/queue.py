@@ -20,8 +20,9 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from chat.balance import can_answer, default_model, pick
 from chat.generation import Claimed, claim, generate, requeue
-from chat.models import ANSWER_HEARTBEAT_SECONDS, Message, heartbeat_cutoff
+from chat.models import ANSWER_HEARTBEAT_SECONDS, Message
 from gantry.background import spawn
 from gantry.broadcast import QueuedEvent, broadcast, conversation_group
 from gantry.metrics import HOLD_SECONDS
@@ -39,15 +40,16 @@ def waiting() -> Any:
     return Message.objects.filter(role=Message.Role.USER, status=Message.Status.QUEUED)
 
 
-def admit(backend: Backend, conversation_id: int) -> bool:
-    """For a new message, under the backend's row lock (`default_backend(locked=True)`): refuse it when
-    the queue or its author's share of it is full; else whether it is answered at once (the model is
-    ready, a slot is free, its conversation has no answer under way, and nothing waits ahead of it)
-    rather than queued."""
-    waiting, live, here, mine = Message.objects.counts_for_new_message(conversation_id)
+def admit(conversation_id: int, model: str) -> Backend | None:
+    """For a new message for `model`, under the claim lock (`default_backend(locked=True)`): refuse it
+    when the queue or its author's share of it is full; else the backend that answers it at once (one
+    holding the model is ready with a free slot, its conversation has no answer under way, and nothing
+    waits ahead of it), or None: it is queued."""
+    waiting, _, here, mine = Message.objects.counts_for_new_message(conversation_id)
     _refuse_when_full(waiting, mine)
-    free = settings.GANTRY_MAX_CONCURRENT_GENERATIONS - live
-    return backend.is_ready and free > 0 and not here and not waiting
+    if here or waiting:
+        return None
+    return pick(model)
 
 
 def check_room(conversation_id: int) -> None:
@@ -96,38 +98,38 @@ async def release() -> None:
     schedule_positions()
 
 
-def release_here(backend: Backend | None = None) -> set[int]:
+def release_here() -> set[int]:
     """release() from a request's thread: a message just posted that was not claimed as it was saved
     (others waited) starts, in its turn, without waiting for a hop onto the serving loop and back into a
     thread. Returns the ids of the questions it started."""
     started = set()
-    while (claimed := claim_next(backend)) is not None:
+    while (claimed := claim_next()) is not None:
         spawn(generate(claimed, then=wake))
         started.add(claimed.answer.question.pk)
     schedule_positions()
     return started
 
 
-def claim_next(backend: Backend | None = None) -> Claimed | None:
-    """Claim the oldest message that may be answered now, if the model is ready and a slot is free."""
-    if backend is None or not backend.is_ready:
-        backend = default_backend()  # a caller's "ready" is checked again below, under the lock; not so "not ready"
-    if not backend.is_ready:
-        return None
+def claim_next() -> Claimed | None:
+    """Claim the oldest message that may be answered now, if a backend holding its model is ready with a
+    free slot (the model: the fleet's default, for every message today)."""
+    model = default_model()
+    if not can_answer(model):
+        return None  # checked again below, under the lock; not so "none can"
     with transaction.atomic():
-        if not _lock_if_ready(backend):
+        default_backend(locked=True)  # one claimer at a time across processes
+        backend = pick(default_model())
+        if backend is None:
             return None
-        free, busy = _slots()
-        if free <= 0:
-            return None
-        for message in waiting().order_by("created", "id")[: free + 50]:
+        busy = _busy()
+        for message in waiting().order_by("created", "id")[: settings.GANTRY_MAX_CONCURRENT_GENERATIONS + 50]:
             # One answer at a time per conversation: a later question needs the earlier answer as context.
             if message.conversation_id in busy:
                 continue
             # A queued message's `updated` is when it was (last) queued: sent, queued again after an
             # interruption, or sent again with Retry. Claiming it sets `updated` to the release time.
             queued_at = message.updated
-            claimed = claim(message)
+            claimed = claim(message, backend)
             if claimed is not None:
                 HOLD_SECONDS.observe(max(0.0, (message.updated - queued_at).total_seconds()))
                 return claimed
@@ -135,18 +137,9 @@ def claim_next(backend: Backend | None = None) -> Claimed | None:
     return None
 
 
-def _lock_if_ready(backend: Backend) -> bool:
-    """One claimer at a time across processes (the backend's row lock, held to the end of the caller's
-    transaction): the free slots and busy conversations counted next stay true until the claim."""
-    return Backend.objects.select_for_update().get(pk=backend.pk).is_ready
-
-
-def _slots() -> tuple[int, set[int]]:
-    """(free answer slots, conversations with an answer under way), under the backend's row lock."""
-    cutoff = heartbeat_cutoff()
-    generating = list(Message.objects.generating().values_list("conversation_id", "updated"))
-    free = settings.GANTRY_MAX_CONCURRENT_GENERATIONS - sum(1 for _, updated in generating if updated >= cutoff)
-    return free, {conversation_id for conversation_id, _ in generating}
+def _busy() -> set[int]:
+    """Conversations with an answer under way, under the claim lock."""
+    return set(Message.objects.generating().values_list("conversation_id", flat=True))
 
 
 def schedule_positions() -> None:

@@ -14,8 +14,9 @@ from models_admin.signals import count_running_answers, count_waiting, model_rea
 
 
 @receiver(count_running_answers)
-def running_answers(sender: Any, **kwargs: Any) -> int:
-    return Message.objects.answering().count()
+def running_answers(sender: Any, backend_id: int | None = None, **kwargs: Any) -> int:
+    answering = Message.objects.answering()
+    return answering.filter(backend_id=backend_id).count() if backend_id is not None else answering.count()
 
 
 @receiver(count_waiting)

@@ -14,6 +14,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
+from chat.balance import can_answer, default_model
 from chat.generation import Answer, Claimed, EarlyRequest, answer_row, cancel_here, generate, history
 from chat.models import Conversation, Message
 from chat.queue import admit, check_room, position, release_here, schedule_positions, wake
@@ -107,8 +108,8 @@ def post_message(conversation_id: int, content: object) -> Message:
         user_group(conversation.owner_id),
         ConversationEvent(type="chat.conversation", conversation=conversation.as_event(), deleted=False),
     )
-    if reply is None:
-        _hold(message, backend)
+    if reply is None or backend is None:
+        _hold(message)
         broadcast(*sidebar)
         return message
     # The sidebar's update goes out with the answer's announcement, once TabbyAPI has the request.
@@ -116,7 +117,7 @@ def post_message(conversation_id: int, content: object) -> Message:
     if early is not None:
         early.saved(answer)
     else:
-        claimed = Claimed(answer, history(conversation_id, content, before=message.created))
+        claimed = Claimed(answer, backend, history(conversation_id, content, before=message.created, model=backend.active_model))
         transaction.on_commit(lambda: spawn(generate(claimed, then=wake)))
     return message
 
@@ -133,15 +134,16 @@ def _checked_content(content: object) -> str:
 
 def _save_question(
     conversation_id: int, content: str, early: EarlyRequest | None
-) -> tuple[Conversation, Message, Message | None, Backend]:
-    """In the post's transaction: the message, and its answer's row when it is answered at once (the usual
-    case: nothing waits, so it is claimed as it is saved, under the backend's lock as any claim; otherwise
-    the queue's order decides, after the commit). With `early`, the answer's request goes out first: only
-    what it needs is read before it."""
-    backend = default_backend(locked=True)
-    answer_now = admit(backend, conversation_id)
-    if answer_now and early is not None:
-        early.send(history(conversation_id, content), then=wake)
+) -> tuple[Conversation, Message, Message | None, Backend | None]:
+    """In the post's transaction: the message, and its answer's row and backend when it is answered at
+    once (the usual case: nothing waits, so it is claimed as it is saved, under the claim lock as any
+    claim; otherwise the queue's order decides, after the commit). With `early`, the answer's request
+    goes out first: only what it needs is read before it."""
+    default_backend(locked=True)  # the claim lock
+    backend = admit(conversation_id, default_model())
+    answer_now = backend is not None
+    if backend is not None and early is not None:
+        early.send(history(conversation_id, content, model=backend.active_model), then=wake, backend=backend)
     conversation = Conversation.objects.filter(pk=conversation_id).first()
     if conversation is None:
         raise ValidationError("This conversation was deleted.")
@@ -150,6 +152,7 @@ def _save_question(
         role=Message.Role.USER,
         content=content,
         status=Message.Status.GENERATING if answer_now else Message.Status.QUEUED,
+        backend=backend,
     )
     if conversation.title == "New conversation":
         conversation.title = " ".join(content.split())[:60]
@@ -157,22 +160,21 @@ def _save_question(
     return conversation, message, answer_row(message, answered_before=False) if answer_now else None, backend
 
 
-def _hold(message: Message, backend: Backend) -> None:
+def _hold(message: Message) -> None:
     """A message that could not be answered at once: the queue releases it in its turn."""
-    transaction.on_commit(partial(_start_or_hold, message, backend))  # at once, unless a caller's transaction is open
-    if not backend.is_ready:
-        backend = default_backend()  # it may have become ready meanwhile (its release then took this message)
-    if not backend.is_ready:
+    transaction.on_commit(partial(_start_or_hold, message))  # at once, unless a caller's transaction is open
+    # A backend may have become ready meanwhile (its release then took this message).
+    if not can_answer(default_model()):
         # Held: tell the author where the message stands (the release updates it as the queue moves).
         event = QueuedEvent(type="chat.queued", message_id=message.pk, position=position(message))
         broadcast(conversation_group(message.conversation_id), event)
         # While it waits, the watchers check TabbyAPI every second (a model may be loaded on it directly).
 
 
-def _start_or_hold(message: Message, backend: Backend) -> None:
+def _start_or_hold(message: Message) -> None:
     """Start the answer now if it can start (its question then first shows as "generating"); else
     show the message as queued."""
-    if message.pk not in release_here(backend):
+    if message.pk not in release_here():
         _send_message(message)
 
 

@@ -7,6 +7,8 @@ import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from django.conf import settings
 
@@ -14,7 +16,8 @@ from chat.growing import track, untrack
 from chat.models import Message
 from gantry.broadcast import TokenEvent, abroadcast, conversation_group
 from gantry.metrics import FIRST_TOKEN_SECONDS, TOKENS_PER_SECOND
-from models_admin.services import answer_client
+from models_admin.clients import answer_client
+from models_admin.models import Backend
 from models_admin.tabby_errors import BackendBadResponse, BackendError
 from models_admin.tabby_sse import ChatDelta
 
@@ -51,25 +54,45 @@ class Pace:
             TOKENS_PER_SECOND.labels(model or "unknown").observe((tokens - 1) / (self.last - self.first))
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """What an answer's request sends: the conversation (its answered turns, oldest first, then the
+    question), after the answering model's system prompt, with its generation settings."""
+
+    turns: list[dict[str, str]]
+    system: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def messages(self) -> list[dict[str, str]]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
+
+    def shortened(self) -> Prompt:
+        """Without the oldest turn (question and answer); the system prompt stays first."""
+        return replace(self, turns=self.turns[2:] if len(self.turns) > 2 else self.turns[-1:])
+
+
 def too_long(exc: BackendError) -> bool:
     return isinstance(exc, BackendBadResponse) and exc.status == 400 and "context length" in exc.message.lower()
 
 
 @asynccontextmanager
-async def opened(history: list[dict[str, str]], taken: threading.Event | None = None) -> AsyncIterator[AsyncGenerator[list[ChatDelta], None]]:
-    """The answer's stream, once TabbyAPI has taken the request (`taken` is set then, or when it refused);
+async def opened(
+    prompt: Prompt, backend: Backend, taken: threading.Event | None = None
+) -> AsyncIterator[AsyncGenerator[list[ChatDelta], None]]:
+    """The answer's stream from the backend, once its TabbyAPI has taken the request (`taken` is set then, or when it refused);
     leaving closes the response, which ends the generation upstream (Stop, cancellation)."""
+    params = {"max_tokens": settings.GANTRY_MAX_ANSWER_TOKENS, **prompt.params}
     async with AsyncExitStack() as stack:
         try:
             while True:
                 try:
-                    opening = answer_client().open_chat_batches(history, max_tokens=settings.GANTRY_MAX_ANSWER_TOKENS)
+                    opening = answer_client(backend).open_chat_batches(prompt.messages(), **params)
                     stream = await stack.enter_async_context(opening)
                     break
                 except BackendBadResponse as exc:
-                    if not (too_long(exc) and len(history) > 1):
+                    if not (too_long(exc) and len(prompt.turns) > 1):
                         raise
-                    history = history[2:] if len(history) > 2 else history[-1:]
+                    prompt = prompt.shortened()
         finally:
             if taken is not None:
                 taken.set()

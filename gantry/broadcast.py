@@ -119,6 +119,13 @@ class ModelListEvent(TypedDict):
     models: list[dict[str, Any]]
 
 
+class BackendStateEvent(TypedDict):
+    """One backend of the fleet as the Backends tab shows it (name, state, models, running answers...)."""
+
+    type: Literal["backend.state"]
+    backend: dict[str, Any]
+
+
 class SessionEndedEvent(TypedDict):
     """To a user's sockets, not forwarded to pages: a session ended (`session_key`; None: every session of
     the user, after a password change, a deactivation or a deletion). Those sockets close."""
@@ -137,6 +144,7 @@ Event = (
     | ModelStateEvent
     | ModelProgressEvent
     | ModelListEvent
+    | BackendStateEvent
     | SessionEndedEvent
 )
 

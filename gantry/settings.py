@@ -248,7 +248,10 @@ GANTRY_OPERATION_STALE_AFTER = env_float("GANTRY_OPERATION_STALE_AFTER", 15.0, m
 GANTRY_REFRESH_INTERVAL = env_float("GANTRY_REFRESH_INTERVAL", 60.0, minimum=1.0)
 CELERY_BEAT_SCHEDULE = {
     "refresh-models": {"task": "models_admin.tasks.refresh_models", "schedule": GANTRY_REFRESH_INTERVAL},
+    # The fleet's health checks and reconciler (a round that finds nothing to do asks TabbyAPI nothing).
+    "watch-fleet": {"task": "models_admin.fleet_tasks.watch_fleet", "schedule": 1.0, "options": {"expires": 1.0}},
 }
+CELERY_IMPORTS = ["models_admin.fleet_tasks"]
 
 # Operations (README, "Metrics and health"). The token lets Prometheus read /metrics (empty: only admin
 # sessions can); Celery processes serve theirs on GANTRY_METRICS_PORT (0: not at all). With

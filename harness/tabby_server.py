@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,13 +109,14 @@ def wait_loaded(server: TabbyServer, name: str, timeout: float = 120) -> None:
     raise RuntimeError(f"{name} was not loaded within {timeout:.0f} s:\n{server.log()}")
 
 
-def load_events(server: TabbyServer, name: str, **body: Any) -> list[dict[str, Any]]:
-    """POST /v1/model/load and return the parsed data events (pings skipped)."""
+def load_events(server: TabbyServer, name: str, *, client: httpx.Client | None = None, **body: Any) -> list[dict[str, Any]]:
+    """POST /v1/model/load and return the parsed data events (pings skipped), through `client` (an admin
+    client kept open, so a timed load does not also time setting one up) or a new one."""
     import json
 
     events: list[dict[str, Any]] = []
-    with server.client(admin=True, timeout=300) as client:
-        with client.stream("POST", "/v1/model/load", json={"model_name": name, **body}) as response:
+    with nullcontext(client) if client is not None else server.client(admin=True, timeout=300) as http:
+        with http.stream("POST", "/v1/model/load", json={"model_name": name, **body}) as response:
             assert response.status_code == 200, response.read()
             for line in response.iter_lines():
                 if line.startswith("data: "):

@@ -37,15 +37,16 @@ def detail(message: str, status: int, **extra: Any) -> JsonResponse:
 
 
 def _refusal(request: HttpRequest) -> JsonResponse | None:
-    """401 for anonymous callers, 403 for users who are not admins and for refused browser POSTs."""
+    """401 for anonymous callers, 403 for users who are not admins and for refused browser writes."""
     user = request.user
     if not user.is_authenticated:
         return detail("Log in as an admin first (POST /api/auth/login).", 401)
     if not user.is_staff:
         return detail("Only admins can manage models.", 403)
-    if request.method == "POST" and (refusal := origins.refusal(request)):
+    writes = request.method not in ("GET", "HEAD", "OPTIONS")
+    if writes and (refusal := origins.refusal(request)):
         return detail(refusal, 403)
-    if request.method == "POST" and request.body and request.content_type != "application/json":
+    if writes and request.body and request.content_type != "application/json":
         # A body is JSON, said so: a page of another site can send a form or text/plain body without
         # asking first, but not application/json.
         return detail("Send the body as JSON, with the header Content-Type: application/json.", 415)
@@ -100,12 +101,12 @@ def refresh(request: HttpRequest) -> JsonResponse:
 @require_POST
 @admin_api
 async def switch(request: HttpRequest) -> JsonResponse:
-    body = _body(request)
+    body = body_of(request)
     model_id = body.get("model_id") if body is not None else None
     if not isinstance(model_id, str) or not model_id:
         return detail('Send a JSON body like {"model_id": "<model name>"}.', 400)
     try:
-        operation = await in_web_thread(operations.request_switch, model_id, request.user, _source(request))
+        operation = await in_web_thread(operations.request_switch, model_id, request.user, source_of(request))
     except operations.UnknownModel:
         return detail(f"There is no model named {model_id}.", 404)
     except BackendAuthError as exc:
@@ -117,24 +118,24 @@ async def switch(request: HttpRequest) -> JsonResponse:
         message = f"Another operation is running ({running.kind} to {running.to_model or 'nothing'}); try again when it ends."
         return detail(message, 409, operation_id=running.pk)
     answer = JsonResponse({"message": f"Model switched to {model_id}", "model_id": model_id})
-    return await _when_over(operation, answer, SWITCH_FAILED)
+    return await when_over(operation, answer, SWITCH_FAILED)
 
 
 @require_POST
 @admin_api
 async def unload(request: HttpRequest) -> JsonResponse:
     try:
-        operation = await in_web_thread(operations.request_unload, request.user, _source(request))
+        operation = await in_web_thread(operations.request_unload, request.user, source_of(request))
     except BackendAuthError as exc:
         return detail(UNLOAD_FAILED, 502, reason=exc.message)
     except operations.StillLoading as exc:
         return detail(exc.message, 409)
     except operations.OperationConflict as exc:
         return detail("A model switch is running; unload when it ends.", 409, operation_id=exc.running.pk)
-    return await _when_over(operation, JsonResponse({"message": "Model unloaded successfully"}), UNLOAD_FAILED)
+    return await when_over(operation, JsonResponse({"message": "Model unloaded successfully"}), UNLOAD_FAILED)
 
 
-async def _when_over(operation: Operation | None, answer: JsonResponse, failed: str) -> JsonResponse:
+async def when_over(operation: Operation | None, answer: JsonResponse, failed: str) -> JsonResponse:
     """`answer` once the operation has succeeded (None: there was nothing to do), else why it failed."""
     if operation is not None:
         ended = await operations.wait_for_end(operation.pk)
@@ -143,7 +144,7 @@ async def _when_over(operation: Operation | None, answer: JsonResponse, failed: 
     return answer
 
 
-def _body(request: HttpRequest) -> dict[str, Any] | None:
+def body_of(request: HttpRequest) -> dict[str, Any] | None:
     try:
         body = loads(request.body or b"null")
     except ValueError:
@@ -151,7 +152,7 @@ def _body(request: HttpRequest) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-def _source(request: HttpRequest) -> str:
+def source_of(request: HttpRequest) -> str:
     return Operation.Source.DASHBOARD if request.headers.get("X-Gantry-Source") == "dashboard" else Operation.Source.API
 
 

@@ -13,7 +13,7 @@ from models_admin.services import backend_event
 
 class ModelsConsumer(EventConsumer):
     page = "models"
-    forwarded = frozenset({"model.state", "model.progress", "model.list"})
+    forwarded = frozenset({"model.state", "model.progress", "model.list", "backend.state"})
 
     async def admits(self, user: Any) -> bool:
         return bool(user.is_staff)

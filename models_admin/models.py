@@ -7,9 +7,18 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+# Defined apart (their own concern), registered as this app's models by being imported here.
+from models_admin.model_settings import ModelSettings, SettingsChange  # noqa: F401
+
+DEFAULT_BACKEND = "default"
+
 
 class Backend(models.Model):
-    """A TabbyAPI server and what Gantry knows of it. One row today; several later."""
+    """A TabbyAPI server and what Gantry knows of it: the fleet's members.
+
+    `default` is the server of TABBY_HOST, whose keys come from the settings (or TabbyAPI's tokens file);
+    the others are added by admins with their own keys, stored here and never shown again.
+    """
 
     class State(models.TextChoices):
         READY = "ready"
@@ -18,6 +27,9 @@ class Backend(models.Model):
         UNLOADED = "unloaded"
         FAILED = "failed"
         UNREACHABLE = "unreachable"  # TabbyAPI did not answer the last check (nothing is known to be loaded)
+        # How the Backends API shows a backend (never stored): out of rotation, or not answering.
+        DRAINING = "draining"
+        DOWN = "down"
 
     class Trouble(models.TextChoices):
         """What went wrong the last time Gantry asked TabbyAPI (none: the last answer was fine)."""
@@ -29,6 +41,15 @@ class Backend(models.Model):
 
     name = models.CharField(max_length=100, unique=True, default="default")
     base_url = models.CharField(max_length=500)
+    # The keys of an added backend (write-only: never shown or returned); `default` takes its keys from the settings.
+    api_key = models.CharField(max_length=500, blank=True, default="")
+    admin_key = models.CharField(max_length=500, blank=True, default="")
+    # The model this backend should hold (the fleet's desired state): loaded again when it comes back.
+    desired_model = models.CharField(max_length=200, blank=True, default="")
+    # Out of rotation (draining): no new answer goes to it; those running finish.
+    in_rotation = models.BooleanField(default=True)
+    # When an answer was last sent to it: among equally busy backends, the one that waited longest goes first.
+    routed_at = models.DateTimeField(null=True, blank=True)
     state = models.CharField(max_length=16, choices=State.choices, default=State.UNLOADED)
     active_model = models.CharField(max_length=200, blank=True, default="")
     target_model = models.CharField(max_length=200, blank=True, default="")
@@ -52,6 +73,20 @@ class Backend(models.Model):
         return self.name
 
     @property
+    def is_default(self) -> bool:
+        return self.name == DEFAULT_BACKEND
+
+    @property
+    def fleet_state(self) -> str:
+        """The state as the Backends API and tab show it: `down` for a server that does not answer,
+        `draining` for one out of rotation, else the state."""
+        if self.state == self.State.UNREACHABLE:
+            return self.State.DOWN
+        if not self.in_rotation and not self.is_busy:
+            return self.State.DRAINING
+        return self.state
+
+    @property
     def is_ready(self) -> bool:
         return self.state == self.State.READY and bool(self.active_model)
 
@@ -67,6 +102,35 @@ class Backend(models.Model):
             or bool(self.abandoned_load)
             or (self.doubt_until is not None and self.doubt_until > timezone.now())
         )
+
+    def as_row(self, running: int) -> dict[str, Any]:
+        """The backend as the Backends API and tab show it (never its keys), with its `running` answers."""
+        last_loads = (
+            Operation.objects.filter(backend=self, status=Operation.Status.SUCCEEDED, load_seconds__isnull=False)
+            .order_by("-finished")
+            .values("to_model", "load_seconds", "finished")[:5]
+        )
+        return {
+            "name": self.name,
+            "url": settings.TABBY_HOST if self.is_default else self.base_url,
+            "state": self.fleet_state,
+            "active_model": self.active_model or None,
+            "desired_model": self.desired_model or None,
+            "target_model": self.target_model or None,
+            "in_rotation": self.in_rotation,
+            "running": running,
+            "healthy": self.state != self.State.UNREACHABLE and self.trouble != self.Trouble.UNREACHABLE,
+            "trouble": self.trouble or None,
+            "trouble_text": self.trouble_text or None,
+            "operation_id": self.operation_id,
+            "checked_at": self.checked_at.isoformat() if self.checked_at else None,
+            "last_loads": [
+                {"model": row["to_model"], "seconds": row["load_seconds"], "finished": row["finished"].isoformat() if row["finished"] else None}
+                for row in last_loads
+            ],
+            "models": list(self.language_models.filter(present=True).order_by("name").values_list("name", flat=True)),
+            "default": self.is_default,
+        }
 
     def as_event(self) -> dict[str, Any]:
         return {
@@ -129,6 +193,7 @@ class Operation(models.Model):
         DASHBOARD = "dashboard"
         API = "api"
         COMMAND = "command"
+        FLEET = "fleet"  # Gantry itself: a backend that came back gets its desired model again
 
     backend = models.ForeignKey(Backend, on_delete=models.CASCADE, related_name="operations")
     kind = models.CharField(max_length=16, choices=Kind.choices)

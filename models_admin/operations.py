@@ -57,9 +57,12 @@ class StillLoading(Exception):
 # Requests
 
 
-def request_switch(model_name: str, user: Any = None, source: str = Operation.Source.API) -> Operation | None:
-    """Start a switch (or join the running switch to the same model); None when it is already active."""
-    backend = default_backend()
+def request_switch(
+    model_name: str, user: Any = None, source: str = Operation.Source.API, backend: Backend | None = None
+) -> Operation | None:
+    """Start a switch of a backend (None: the default) (or join its running switch to the same model);
+    None when the model is already active there."""
+    backend = _fresh(backend)
     _refuse_while_running(backend, Operation.Kind.SWITCH, model_name)
     known = LanguageModel.objects.filter(backend=backend, name=model_name, present=True).exists()
     confirmed = False
@@ -67,11 +70,11 @@ def request_switch(model_name: str, user: Any = None, source: str = Operation.So
         # A folder added since the last refresh, or a "nothing to do" that TabbyAPI must confirm
         # (someone may have loaded another model on it directly), or a key TabbyAPI refused last time
         # (BackendAuthError: the list is not the server's, and a switch could only fail).
-        confirmed = _confirm_with_tabby()
+        confirmed = _confirm_with_tabby(backend)
         if confirmed and not LanguageModel.objects.filter(backend=backend, name=model_name, present=True).exists():
             raise UnknownModel(model_name)
     with transaction.atomic():
-        backend = Backend.objects.select_for_update().get(pk=default_backend().pk)
+        backend = Backend.objects.select_for_update().get(pk=backend.pk)
         _refuse_while_loading(backend, "switch models")
         running = _running(backend)
         if running is not None:
@@ -83,13 +86,13 @@ def request_switch(model_name: str, user: Any = None, source: str = Operation.So
         return _begin(backend, Operation.Kind.SWITCH, model_name, user, source)
 
 
-def request_unload(user: Any = None, source: str = Operation.Source.API) -> Operation | None:
-    """Start an unload (or join the running one); None when nothing is loaded."""
-    backend = default_backend()
+def request_unload(user: Any = None, source: str = Operation.Source.API, backend: Backend | None = None) -> Operation | None:
+    """Start an unload of a backend (None: the default) (or join the running one); None when nothing is loaded."""
+    backend = _fresh(backend)
     _refuse_while_running(backend, Operation.Kind.UNLOAD, "")
-    confirmed = not backend.is_busy and _confirm_with_tabby()
+    confirmed = not backend.is_busy and _confirm_with_tabby(backend)
     with transaction.atomic():
-        backend = Backend.objects.select_for_update().get(pk=default_backend().pk)
+        backend = Backend.objects.select_for_update().get(pk=backend.pk)
         _refuse_while_loading(backend, "unload a model")
         running = _running(backend)
         if running is not None:
@@ -119,12 +122,16 @@ def _refuse_while_loading(backend: Backend, action: str) -> None:
         raise StillLoading(backend, action)
 
 
-def _confirm_with_tabby() -> bool:
+def _fresh(backend: Backend | None) -> Backend:
+    return default_backend() if backend is None else Backend.objects.get(pk=backend.pk)
+
+
+def _confirm_with_tabby(backend: Backend) -> bool:
     """Refresh from TabbyAPI (a short wait: the caller is a page's thread); False when it cannot be asked
     (the run then tries, fails and says why: 502). A refused key is raised (BackendAuthError): no run
     could get past it."""
     try:
-        sync_models(strict=True)
+        sync_models(strict=True, backend=backend)
     except BackendAuthError:
         raise
     except BackendError:
@@ -210,7 +217,7 @@ async def _state_event(layer: Any, channel: str | None, timeout: float) -> None:
         return
     try:
         async with asyncio.timeout(timeout):
-            while (await layer.receive(channel))["type"] != "model.state":
+            while (await layer.receive(channel))["type"] not in ("model.state", "backend.state"):
                 pass
     except TimeoutError:
         pass

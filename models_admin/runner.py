@@ -23,8 +23,9 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from gantry.broadcast import CHAT_GROUP, MODELS_GROUP, ModelProgressEvent, broadcast
-from models_admin.models import Backend, Operation
-from models_admin.services import admin_client, announce_state, end_abandoned_load, sync_models
+from models_admin.clients import admin_client
+from models_admin.models import Backend, ModelSettings, Operation
+from models_admin.services import announce_state, end_abandoned_load, sync_models
 from models_admin.signals import model_ready, running_answers
 from models_admin.tabby_client import TabbyClient
 from models_admin.tabby_errors import BackendAuthError, BackendError, BackendUnavailable, NoModelLoaded
@@ -87,6 +88,10 @@ class Reporter:
             text=text,
             eta_seconds=self.eta(module, modules),
         )
+        if not op.backend.is_default:
+            # Another backend's steps are saved (the audit log); pages follow the default's progress.
+            self._last_step = step
+            return
         broadcast(MODELS_GROUP, event)
         if new_step or now - self._last_to_chat >= CHAT_PROGRESS_EVERY:
             broadcast(CHAT_GROUP, event)
@@ -173,7 +178,7 @@ def run_operation(operation_id: int) -> None:
         return
     reporter = Reporter(operation)
     # One client to the end: a stalled load's stream stays open on it while the load is followed.
-    with admin_client() as client:
+    with admin_client(backend=operation.backend) as client:
         try:
             _drain(reporter)
             _unload(client, reporter)
@@ -210,7 +215,7 @@ def beating(reporter: Reporter) -> Iterator[None]:
 def _drain(reporter: Reporter) -> None:
     """Let answers running on the old model finish, up to GANTRY_DRAIN_TIMEOUT."""
     deadline = time.monotonic() + settings.GANTRY_DRAIN_TIMEOUT
-    while (count := running_answers()) and time.monotonic() < deadline:
+    while (count := running_answers(reporter.operation.backend_id)) and time.monotonic() < deadline:
         reporter.report("draining", 0, f"Waiting for {count} answer{'s' if count != 1 else ''} to finish...")
         time.sleep(0.25)
 
@@ -231,8 +236,10 @@ def _load(client: TabbyClient, reporter: Reporter, model: str, step: str, templa
     text = template.format(model=model)
     reporter.start_load(model)
     reporter.report(step, 40, text)
+    # The model's load parameters go with every load of it: a switch's, and a rollback's.
+    load = client.load(model, **ModelSettings.objects.load_request(model))
     try:
-        for event in watched(client.load(model), settings.GANTRY_SWITCH_TIMEOUT, reporter.beat):
+        for event in watched(load, settings.GANTRY_SWITCH_TIMEOUT, reporter.beat):
             if event["model_type"] == "model":
                 reporter.report(step, 40 + 60 * event["module"] / max(event["modules"], 1), text, event["module"], event["modules"])
     except Stalled as exc:
@@ -316,7 +323,7 @@ def _follow(stalled: Stalled, backend_id: int) -> None:
         log.warning("TabbyAPI's load of %s, which a switch stopped waiting for, ended: %s", stalled.model, exc.message)
     else:
         log.info("TabbyAPI's load of %s, which a switch stopped waiting for, has finished", stalled.model)
-    end_abandoned_load(stalled.model)
+    end_abandoned_load(stalled.model, Backend.objects.get(pk=backend_id))
 
 
 def _finish(op: Operation, status: str, active: str, abandoned: str = "") -> None:
@@ -333,6 +340,8 @@ def _finish(op: Operation, status: str, active: str, abandoned: str = "") -> Non
         op.status, op.finished = status, now
         op.save(update_fields=["status", "finished", "load_seconds", "heartbeat"])
         backend.active_model = active
+        if status == Operation.Status.SUCCEEDED:
+            backend.desired_model = active  # what it should hold from now on (nothing, after an unload)
         backend.target_model = ""
         backend.operation = None
         backend.state = Backend.State.READY if active else Backend.State.UNREACHABLE if unreachable else Backend.State.UNLOADED
@@ -345,7 +354,7 @@ def _finish(op: Operation, status: str, active: str, abandoned: str = "") -> Non
         backend.doubt_until = None
         backend.save(
             update_fields=[
-                "state", "active_model", "target_model", "operation", "trouble", "trouble_text",
+                "state", "active_model", "desired_model", "target_model", "operation", "trouble", "trouble_text",
                 "abandoned_load", "abandoned_since", "abandoned_beat", "checked_at", "doubt_until", "updated",
             ]
         )
@@ -370,6 +379,6 @@ def reconcile_stale_operations() -> int:
                 Backend.objects.filter(pk=op.backend_id, operation=op).update(
                     state=Backend.State.FAILED, operation=None, target_model=""
                 )
-    if stale:
-        sync_models()
+    for backend_id in {op.backend_id for op in stale}:
+        sync_models(backend=Backend.objects.get(pk=backend_id))
     return len(stale)

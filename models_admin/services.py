@@ -8,25 +8,21 @@ server closes the chat's gate; a refused key is shown to admins with the setting
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
-import weakref
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-import yaml
 from django.conf import settings
 from django.db import transaction
 from django.db.models import OuterRef, Q, Subquery
 from django.utils import timezone
 
 from gantry.background import in_thread
-from gantry.broadcast import CHAT_GROUP, MODELS_GROUP, ModelListEvent, ModelStateEvent, broadcast
-from models_admin.models import Backend, LanguageModel, Operation
-from models_admin.signals import model_ready, model_unavailable
-from models_admin.tabby_client import TabbyClient, TabbyConfig
+from gantry.broadcast import CHAT_GROUP, MODELS_GROUP, BackendStateEvent, ModelListEvent, ModelStateEvent, broadcast
+from models_admin.clients import admin_client
+from models_admin.models import DEFAULT_BACKEND, Backend, LanguageModel, Operation
+from models_admin.signals import model_ready, model_unavailable, running_answers
+from models_admin.tabby_client import TabbyClient
 from models_admin.tabby_errors import BackendAuthError, BackendError, BackendUnavailable, sentence
 
 log = logging.getLogger(__name__)
@@ -34,96 +30,54 @@ WATCH_EVERY = 1.0  # seconds between the watchers' checks while the state is in 
 PAGE_CHECK_AFTER = 5.0  # seconds after a check when a page's view asks for another
 
 
-def tabby_config(quick: bool = False) -> TabbyConfig:
-    """TabbyAPI's address and keys: the settings, else the server's own api_tokens.yml. `quick` waits at
-    most TABBY_CHECK_TIMEOUT for an answer (checks, refreshes and what pages ask for)."""
-    api_key, admin_key = settings.TABBY_API_KEY, settings.TABBY_ADMIN_KEY
-    file_api_key = file_admin_key = ""
-    if (not api_key or not admin_key) and settings.TABBY_TOKENS_FILE:
-        path = Path(settings.TABBY_TOKENS_FILE)
-        file_api_key, file_admin_key = _tokens(path, path.stat().st_mtime_ns)
-    read_timeout = settings.TABBY_CHECK_TIMEOUT if quick else settings.TABBY_READ_TIMEOUT
-    return TabbyConfig(
-        base_url=settings.TABBY_HOST,
-        api_key=api_key or file_api_key,
-        admin_key=admin_key or file_admin_key,
-        connect_timeout=min(settings.TABBY_CONNECT_TIMEOUT, read_timeout),
-        read_timeout=read_timeout,
-        admin_key_fix=_key_fix("TABBY_ADMIN_KEY", "admin_key", from_file=not admin_key and bool(file_admin_key)),
-        api_key_fix=_key_fix("TABBY_API_KEY", "api_key", from_file=not api_key and bool(file_api_key)),
-    )
-
-
-def _key_fix(setting: str, field: str, from_file: bool) -> str:
-    """How to fix a key TabbyAPI refuses: the end of the error's sentence, naming the setting."""
-    where = f"the api_tokens.yml of the TabbyAPI at {settings.TABBY_HOST}"
-    if from_file:
-        return f"Gantry read it from TABBY_TOKENS_FILE ({settings.TABBY_TOKENS_FILE}): point that setting at {where}, or set {setting} to its {field}"
-    return f"set {setting} to the {field} in {where}"
-
-
-@functools.lru_cache(maxsize=4)
-def _tokens(path: Path, mtime_ns: int) -> tuple[str, str]:
-    """(API key, admin key) from TabbyAPI's api_tokens.yml, read again only when the file changes."""
-    tokens = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    api = tokens.get("api_key")
-    return str(api[0] if isinstance(api, list) else api or ""), str(tokens.get("admin_key") or "")
-
-
-_answer_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TabbyClient] = weakref.WeakKeyDictionary()
-
-
-def answer_client() -> TabbyClient:
-    """The running loop's client for answers, kept open: its connections to TabbyAPI are reused, so an
-    answer's first token does not wait on a new connection. Callers don't close it."""
-    loop = asyncio.get_running_loop()
-    config = tabby_config()
-    client = _answer_clients.get(loop)
-    if client is None or client.config != config:
-        # New keys or address: a new client. The old one is not closed, which would cut the answers
-        # still streaming on it; its connections close with it once those are done.
-        client = _answer_clients[loop] = TabbyClient(config)
-    return client
-
-
-def admin_client(quick: bool = False) -> TabbyClient:
-    """A client for admin calls (close it: use as `with`); `quick`: see tabby_config."""
-    return TabbyClient(tabby_config(quick))
-
-
 def default_backend(locked: bool = False) -> Backend:
-    """The one backend today; `locked` holds its row to the end of the caller's transaction."""
+    """The backend of TABBY_HOST; `locked` holds its row to the end of the caller's transaction (it is
+    also the lock every claim of a held message takes)."""
     backends = Backend.objects.select_for_update() if locked else Backend.objects
-    backend, _ = backends.get_or_create(name="default", defaults={"base_url": settings.TABBY_HOST})
+    backend, _ = backends.get_or_create(name=DEFAULT_BACKEND, defaults={"base_url": settings.TABBY_HOST})
     return backend
 
 
-def sync_models(strict: bool = False) -> Backend:
+def locked(backend: Backend | None) -> Backend:
+    """A backend's row (None: the default's), held to the end of the caller's transaction."""
+    if backend is None:
+        return default_backend(locked=True)
+    return Backend.objects.select_for_update().get(pk=backend.pk)
+
+
+def sync_models(strict: bool = False, backend: Backend | None = None) -> Backend:
     """Take the model list and the loaded model from TabbyAPI (the truth is TabbyAPI's, not ours).
 
     Each answer is waited for at most TABBY_CHECK_TIMEOUT. When TabbyAPI cannot be asked, the failure is
     recorded for admins (an unreachable server also closes the chat's gate) and the rest of what Gantry
     knew stays; `strict` raises the BackendError too.
     """
-    backend = default_backend()
+    backend = _fresh(backend)
     seen = backend.updated
     try:
-        with admin_client(quick=True) as client:
+        with admin_client(quick=True, backend=backend) as client:
             # Asked with the key answers use: what chat can be served, whatever becomes of the admin key.
             card = client.current_model(key="api")
             names, admin_key_refused = _folders(client)
     except BackendError as exc:
-        backend = record_trouble(exc)
+        backend = record_trouble(exc, backend)
         if strict:
             raise
         return backend
     changed = _record_models(backend, names) if admin_key_refused is None else False
     backend = _record_state(backend, seen, card["id"] if card else "", admin_key_refused)
-    if changed:
+    if changed and backend.is_default:
         broadcast(MODELS_GROUP, ModelListEvent(type="model.list", models=model_rows(backend)))
     if admin_key_refused is not None and strict:
         raise admin_key_refused
     return backend
+
+
+def _fresh(backend: Backend | None) -> Backend:
+    """The backend's row as it is now (None: the default's)."""
+    if backend is None:
+        return default_backend()
+    return Backend.objects.get(pk=backend.pk)
 
 
 def _folders(client: TabbyClient) -> tuple[list[str], BackendAuthError | None]:
@@ -171,6 +125,11 @@ def _record_state(backend: Backend, seen: datetime, loaded: str, key_refused: Ba
             backend.state = Backend.State.READY if loaded else Backend.State.UNLOADED
             backend.active_model = loaded
             fields += ["state", "active_model", "doubt_until", "abandoned_load", "abandoned_since", "abandoned_beat"]
+            if loaded and (backend.is_default or not backend.desired_model):
+                # What the default serves is the fleet's default model; an added backend keeps the model
+                # it should hold (first seen: the one it holds).
+                backend.desired_model = loaded
+                fields.append("desired_model")
         backend.save(update_fields=fields)
     if backend.as_event() != before:
         announce_state(backend)
@@ -180,16 +139,17 @@ def _record_state(backend: Backend, seen: datetime, loaded: str, key_refused: Ba
     return backend
 
 
-def record_trouble(exc: BackendError) -> Backend:
-    """Record that TabbyAPI could not be asked, and why, for admins. An unreachable server also closes the
-    chat's gate (messages are held until it answers again) unless an operation owns the state."""
+def record_trouble(exc: BackendError, backend: Backend | None = None) -> Backend:
+    """Record that a backend's TabbyAPI (None: the default's) could not be asked, and why, for admins. An
+    unreachable server also leaves the rotation (its messages are held, or answered by another backend,
+    until it answers again) unless an operation owns the state."""
     kind = (
         Backend.Trouble.UNREACHABLE
         if isinstance(exc, BackendUnavailable)
         else Backend.Trouble.KEY if isinstance(exc, BackendAuthError) else Backend.Trouble.ANSWER
     )
     with transaction.atomic():
-        backend = default_backend(locked=True)
+        backend = locked(backend)
         before, had = backend.as_event(), backend.trouble
         backend.trouble, backend.trouble_text, backend.checked_at = kind, exc.message, timezone.now()
         fields = ["trouble", "trouble_text", "checked_at", "updated"]
@@ -199,7 +159,7 @@ def record_trouble(exc: BackendError) -> Backend:
             fields += ["state", "active_model"]
         backend.save(update_fields=fields)
     if had != kind:
-        log.warning("TabbyAPI: %s", exc.message)
+        log.warning("TabbyAPI (%s): %s", backend.name, exc.message)
     if backend.as_event() != before:
         announce_state(backend)
     if lost:
@@ -207,32 +167,33 @@ def record_trouble(exc: BackendError) -> Backend:
     return backend
 
 
-def check_backend() -> Backend:
-    """The watchers' light check: one `GET /v1/model` (at most TABBY_CHECK_TIMEOUT); a whole sync only when
-    its answer differs from the record."""
-    backend = default_backend()
+def check_backend(backend: Backend | None = None) -> Backend:
+    """The watchers' light check of a backend (None: the default): one `GET /v1/model` (at most
+    TABBY_CHECK_TIMEOUT); a whole sync only when its answer differs from the record."""
+    backend = _fresh(backend)
     try:
-        with admin_client(quick=True) as client:
+        with admin_client(quick=True, backend=backend) as client:
             card = client.current_model(key="api")
     except BackendError as exc:
-        return record_trouble(exc)
+        return record_trouble(exc, backend)
     loaded = card["id"] if card else ""
     expected = Backend.State.READY if loaded else Backend.State.UNLOADED
     # A refused admin key stays refused until the settings change: the periodic refresh tells.
     troubled = bool(backend.trouble) and backend.trouble != Backend.Trouble.KEY
     differs = not backend.is_busy and (backend.state, backend.active_model) != (expected, loaded)
     if troubled or differs or backend.refreshed_at is None or (loaded and backend.abandoned_load):
-        return sync_models()
+        return sync_models(backend=backend)
     if backend.is_ready:
         model_ready.send(sender=Backend, backend_id=backend.pk, model=backend.active_model)
     return backend
 
 
-def request_check(seconds: float = 0.0) -> None:
-    """Have the watchers check TabbyAPI within a second, and every second for `seconds` more."""
+def request_check(seconds: float = 0.0, backend: Backend | None = None) -> None:
+    """Have the watchers check a backend (None: the default) within a second, and every second for
+    `seconds` more."""
     until = timezone.now() + timedelta(seconds=max(seconds, 2 * WATCH_EVERY))
     pending = Q(doubt_until__isnull=True) | Q(doubt_until__lt=until)
-    Backend.objects.filter(pk=default_backend().pk).filter(pending).update(doubt_until=until)
+    Backend.objects.filter(pk=(backend or default_backend()).pk).filter(pending).update(doubt_until=until)
 
 
 def check_if_stale(backend: Backend) -> None:
@@ -242,11 +203,12 @@ def check_if_stale(backend: Backend) -> None:
         in_thread(request_check)  # a write: the page does not wait for the database's lock
 
 
-def note_nothing_loaded() -> None:
-    """TabbyAPI just refused an answer because nothing is loaded: close the gate now (held messages are not
-    sent to be refused again), and watch closely, since a load in progress looks the same."""
+def note_nothing_loaded(backend: Backend | None = None) -> None:
+    """A backend's TabbyAPI (None: the default's) just refused an answer because nothing is loaded: close
+    its gate now (held messages are not sent to be refused again), and watch closely, since a load in
+    progress looks the same."""
     with transaction.atomic():
-        backend = default_backend(locked=True)
+        backend = locked(backend)
         if backend.state != Backend.State.READY:
             return
         backend.state, backend.active_model = Backend.State.UNLOADED, ""
@@ -256,18 +218,18 @@ def note_nothing_loaded() -> None:
     model_unavailable.send(sender=Backend, backend_id=backend.pk)
 
 
-def end_abandoned_load(model: str) -> Backend:
+def end_abandoned_load(model: str, backend: Backend | None = None) -> Backend:
     """The load a switch stopped waiting for has ended, or nobody follows it any more: take the state
     from TabbyAPI, watching closely for a while (a load nobody follows may still end)."""
     with transaction.atomic():
-        backend = default_backend(locked=True)
+        backend = locked(backend)
         if backend.abandoned_load != model:
             return backend  # already ended (a check found the model loaded)
         backend.abandoned_load, backend.abandoned_since, backend.abandoned_beat = "", None, None
         backend.doubt_until = timezone.now() + timedelta(seconds=settings.GANTRY_REFRESH_INTERVAL)
         backend.save(update_fields=["abandoned_load", "abandoned_since", "abandoned_beat", "doubt_until", "updated"])
     announce_state(backend)
-    return sync_models()
+    return sync_models(backend=backend)
 
 
 def _record_models(backend: Backend, names: list[str]) -> bool:
@@ -289,36 +251,55 @@ def _record_models(backend: Backend, names: list[str]) -> bool:
 
 
 def model_rows(backend: Backend) -> list[dict[str, Any]]:
-    """The model list as the admin API and the Models tab show it (one query)."""
+    """The model list as the admin API and the Models tab show it (two queries); `backends` names the
+    backends of the fleet that hold each model, ready."""
     last_load = Operation.objects.successful_loads(OuterRef("name")).values("load_seconds")[:1]
     models = LanguageModel.objects.filter(backend=backend, present=True).annotate(last_load=Subquery(last_load))
+    holding: dict[str, list[str]] = {}
+    for name, model in Backend.objects.filter(state=Backend.State.READY).order_by("id").values_list("name", "active_model"):
+        holding.setdefault(model, []).append(name)
     return [
         {
             "id": model.name,
             "name": model.name,
             "active": backend.active_model == model.name and backend.state == Backend.State.READY,
             "last_load_seconds": float(model.last_load) if model.last_load is not None else None,
+            "backends": holding.get(model.name, []),
         }
         for model in models.order_by("name")
     ]
 
 
 def announce_state(backend: Backend) -> None:
-    event = ModelStateEvent(
-        type="model.state",
-        state=backend.state,
-        active_model=backend.active_model or None,
-        target_model=backend.target_model or None,
-        trouble=backend.trouble or None,
-        trouble_text=backend.trouble_text or None,
-        abandoned_load=backend.abandoned_load or None,
-        operation_id=backend.operation_id,
-    )
-    broadcast(CHAT_GROUP, event)
-    broadcast(MODELS_GROUP, event)
+    """A backend's new state: every backend's to the Backends tab, as `backend.state`; the default's to
+    the Models tab, and the model's state as chat sees it to chat pages, as the spec's `model.state`."""
+    broadcast(MODELS_GROUP, BackendStateEvent(type="backend.state", backend=backend.as_row(running_answers(backend.pk))))
+    if backend.is_default:
+        broadcast(MODELS_GROUP, ModelStateEvent(type="model.state", **backend_event(backend)))  # type: ignore[typeddict-item]
+    elif Backend.objects.count() < 2:
+        return
+    broadcast(CHAT_GROUP, ModelStateEvent(type="model.state", **chat_state(backend if backend.is_default else None)))  # type: ignore[typeddict-item]
 
 
 def backend_event(backend: Backend | None = None) -> dict[str, Any]:
     """The backend's state as the `model.state` event carries it (without `type`)."""
     backend = backend or default_backend()
     return {**backend.as_event(), "operation_id": backend.operation_id}
+
+
+def chat_state(default: Backend | None = None) -> dict[str, Any]:
+    """The model's state as chat pages show it (without `type`): the default backend's; in a fleet, while
+    the default does not serve (it switches, is drained, or its server is away), another ready backend in
+    rotation holding the default model answers the messages, so chat shows that model ready."""
+    default = default or default_backend()
+    event = backend_event(default)
+    if default.is_ready and default.in_rotation:
+        return event
+    model = default.active_model if default.is_ready else default.desired_model
+    others = Backend.objects.filter(state=Backend.State.READY, in_rotation=True, active_model=model).exclude(pk=default.pk)
+    if model and others.exists():
+        quiet = dict.fromkeys(("target_model", "trouble", "trouble_text", "abandoned_load", "operation_id"))
+        return {**event, **quiet, "state": Backend.State.READY, "active_model": model}
+    if default.is_ready:
+        return {**event, "state": Backend.State.DRAINING}  # drained, and nobody else answers: "Model not available"
+    return event

@@ -1,13 +1,23 @@
-"""The Admin Dashboard pages: the Models tab and the Activity tab."""
+"""The Admin Dashboard pages: the Models tab (with each model's Settings page), the Backends tab and the
+Activity tab."""
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import Any
+
 from django.contrib.admin.views.decorators import staff_member_required
-from django.http import HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 
+from models_admin import fleet
+from models_admin.model_settings import SettingsChange
 from models_admin.models import Operation
 from models_admin.services import backend_event, check_if_stale, default_backend, model_rows
+from models_admin.settings_api import is_known, recent_changes, settings_document
+from models_admin.settings_fields import FIELDS, GENERATION, LOAD
+
+ACTIVITY_ROWS = 200
 
 
 @staff_member_required(login_url="/login/")
@@ -29,6 +39,36 @@ def models_tab(request: HttpRequest) -> HttpResponse:
 
 
 @staff_member_required(login_url="/login/")
+def backends_tab(request: HttpRequest) -> HttpResponse:
+    """The fleet: every backend's state, model and running answers, its actions, and the Add form."""
+    return render(request, "models_admin/backends.html", {"tab": "backends", "backends": fleet.rows()})
+
+
+@staff_member_required(login_url="/login/")
 def activity_tab(request: HttpRequest) -> HttpResponse:
-    operations = Operation.objects.select_related("requested_by")[:200]
-    return render(request, "models_admin/activity.html", {"tab": "activity", "operations": operations})
+    operations = list(Operation.objects.select_related("requested_by", "backend")[:ACTIVITY_ROWS])
+    changes = list(SettingsChange.objects.select_related("requested_by")[:ACTIVITY_ROWS])
+    # One log, newest first: switches and unloads (`started`), settings changes (`created`).
+    timed: list[tuple[datetime, dict[str, Any]]] = [(op.started, {"operation": op}) for op in operations]
+    timed += [(change.created, {"change": change}) for change in changes]
+    entries = [entry for _, entry in sorted(timed, key=lambda pair: pair[0], reverse=True)[:ACTIVITY_ROWS]]
+    return render(request, "models_admin/activity.html", {"tab": "activity", "entries": entries})
+
+
+@staff_member_required(login_url="/login/")
+def settings_page(request: HttpRequest, model_id: str) -> HttpResponse:
+    if not is_known(model_id):
+        raise Http404(f"There is no model named {model_id}.")
+    document = settings_document(model_id)
+    groups = [
+        ("Load parameters", "Sent with every load of this model (a switch to it, a rollback).", LOAD),
+        ("Generation defaults", "Used for every chat answer by this model, where the request sets nothing.", GENERATION),
+    ]
+    context = {
+        "tab": "models",
+        "model_id": model_id,
+        "document": document,
+        "groups": [(title, text, [f for f in FIELDS if f.group == group]) for title, text, group in groups],
+        "changes": recent_changes(model_id),
+    }
+    return render(request, "models_admin/model_settings.html", context)

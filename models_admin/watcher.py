@@ -24,25 +24,35 @@ from django.db.models import Q
 from django.utils import timezone
 
 from gantry.sockets import pages_open
+from models_admin.fleet import backends, reconcile
 from models_admin.models import Backend
-from models_admin.services import WATCH_EVERY, check_backend, default_backend, end_abandoned_load
+from models_admin.services import WATCH_EVERY, check_backend, end_abandoned_load
 from models_admin.signals import waiting_messages
 
 log = logging.getLogger(__name__)
 
 
 def watch_round() -> float:
-    """One look at the database, and a check of TabbyAPI when one is needed; returns the seconds to wait."""
-    backend = default_backend()
+    """One look at the database, and a check of each TabbyAPI when one is needed; returns the seconds to
+    wait. In a fleet (two backends or more) every backend is checked every second, so one that stops
+    answering leaves the rotation within seconds, and one that returns gets its desired model again."""
+    fleet = backends()
+    for backend in fleet:
+        watch_backend(backend, every_second=len(fleet) > 1)
+    if len(fleet) > 1:
+        reconcile()
+    return WATCH_EVERY
+
+
+def watch_backend(backend: Backend, every_second: bool = False) -> None:
     if backend.is_busy:
-        return WATCH_EVERY  # the running operation reports the state (a dead one is reconciled by the refresh)
+        return  # the running operation reports the state (a dead one is reconciled by the refresh)
     if backend.abandoned_load and _nobody_follows(backend):
         log.warning("No process follows TabbyAPI's load of %s any more; taking the state from TabbyAPI", backend.abandoned_load)
-        end_abandoned_load(backend.abandoned_load)
-        return WATCH_EVERY
-    if (backend.is_in_doubt or pages_open() or waiting_messages()) and _claim(backend):
-        check_backend()
-    return WATCH_EVERY
+        end_abandoned_load(backend.abandoned_load, backend)
+        return
+    if (every_second or backend.is_in_doubt or pages_open() or waiting_messages()) and _claim(backend):
+        check_backend(backend)
 
 
 def _nobody_follows(backend: Backend) -> bool:

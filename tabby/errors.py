@@ -31,6 +31,13 @@ class UnsupportedLoadOptionError(TabbyError):
     status = 400
 
 
+class PromptError(TabbyError):
+    """The loaded model's chat template cannot make a prompt of these messages (it refused them, or there
+    is none): the request's fault or the load's, said as a 400, never a plain-text 500."""
+
+    status = 400
+
+
 class ModelNotLoadedError(TabbyError):
     """No model is ready to serve: none is loaded, or one is loading or unloading."""
 

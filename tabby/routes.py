@@ -17,8 +17,8 @@ from sse_starlette import EventSourceResponse
 
 from tabby.auth import Authenticator
 from tabby.config import Config
-from tabby.engines.base import ContextLengthError, Engine
-from tabby.errors import ModelUnavailableError, TabbyError, UnsupportedLoadOptionError
+from tabby.engines.base import ContextLengthError, Engine, ModelFolderError
+from tabby.errors import ModelUnavailableError, PromptError, TabbyError, UnsupportedLoadOptionError
 from tabby.manager import LoadRequest, ModelManager
 from tabby.responses import SERVICE_INFO, Generation, compact, context_error, model_card
 from tabby.schemas import (
@@ -29,6 +29,7 @@ from tabby.schemas import (
     TokenDecodeRequest,
     TokenEncodeRequest,
 )
+from tabby.templating import ChatTemplateError
 
 log = logging.getLogger("tabby")
 
@@ -186,7 +187,11 @@ async def answer(request: Request, body: SamplingRequest, kind: str, prompt_of: 
     await inline_load(request, body.model)
     manager = manager_of(request)
     engine = manager.require_engine()
-    prompt_ids = engine.encode(prompt_of(engine), add_bos=body.add_bos_token is not False)
+    try:
+        prompt = prompt_of(engine)
+    except (ChatTemplateError, ModelFolderError) as exc:
+        raise PromptError(str(exc)) from None
+    prompt_ids = engine.encode(prompt, add_bos=body.add_bos_token is not False)
     if len(prompt_ids) >= engine.max_seq_len:
         return context_error(ContextLengthError(len(prompt_ids), engine.max_seq_len), param)
     generation = Generation(kind, body, engine, prompt_ids)

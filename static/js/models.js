@@ -58,6 +58,7 @@
       const row = rowTemplate.content.firstElementChild.cloneNode(true);
       row.dataset.model = model.id;
       row.querySelector(".model-id").textContent = model.name;
+      row.querySelector(".settings").href = "/admin/models/" + encodeURIComponent(model.id) + "/settings/";
       return row;
     }));
     listed = models.length > 0;

@@ -2,9 +2,9 @@
 
 Weights are read module by module (one progress step per module really in memory), straight
 into the memory the parameters keep: the model is built on the `meta` device (no allocation, no
-random initialisation) and each module's tensors are assigned as read. Generation
-runs on one worker thread that steps every running job in turn, each with its own KV cache, so
-several answers progress at once while the event loop stays free to serve HTTP.
+random initialisation) and each module's tensors are assigned as read. Generation runs on one
+worker thread with continuous batching (`tabby.engines.batch`): the answers in flight share each
+decode step's forward pass, while the event loop stays free to serve HTTP.
 """
 
 from __future__ import annotations
@@ -13,15 +13,16 @@ import asyncio
 import ctypes
 import gc
 import json
+import logging
 import re
-import threading
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tabby.engines.answer import Answer
 from tabby.engines.base import (
     ContextLengthError,
     GenerationChunk,
@@ -30,8 +31,10 @@ from tabby.engines.base import (
     SamplingParams,
     read_model_config,
 )
-from tabby.engines.sampling import sample_next
-from tabby.engines.weights import WeightReader, index_tensors
+from tabby.engines.batch import Batch
+from tabby.engines.rows import MAX_ROWS, install_row_attention
+from tabby.engines.torch_options import named_template, plan_load, render_named
+from tabby.engines.weights import WeightReader, block_size, index_tensors
 
 # Decoder-only architectures whose transformers implementation this engine has been run with.
 SUPPORTED_ARCHITECTURES = frozenset(
@@ -48,6 +51,7 @@ SUPPORTED_ARCHITECTURES = frozenset(
     }
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+log = logging.getLogger("tabby")
 _LAYER = re.compile(r"^(.*\.(?:layers|h)\.\d+)\.(.+)$")
 
 
@@ -89,25 +93,6 @@ def _release_memory() -> None:
         pass
 
 
-@dataclass
-class _Job:
-    prompt_ids: list[int]
-    params: SamplingParams
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[GenerationChunk | BaseException]
-    generator: torch.Generator
-    cache: Any = None
-    generated: list[int] = field(default_factory=list)
-    sent_text: str = ""
-    cancelled: bool = False
-
-    def push(self, item: GenerationChunk | BaseException) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the request's loop is gone
-            self.cancelled = True
-
-
 class TorchEngine:
     backend = "torch"
 
@@ -127,15 +112,16 @@ class TorchEngine:
         if not any((model_dir / name).exists() for name in TOKENIZER_FILES):
             raise ModelFolderError(f"No tokenizer files (tokenizer.json) found in {model_dir}")
         native = int(self.config_json.get("max_position_embeddings") or 2048)
-        self.max_seq_len = min(options.max_seq_len or native, native)
+        # The load's options as this engine applies them (RoPE scaling goes into hf_config); the log says
+        # which it adjusts or ignores.
+        self.load = plan_load(options, native, self.hf_config)
+        self.max_seq_len = self.load.max_seq_len
+        self.template: Any = None  # (name, compiled) of the chat template the load named
         self.model: Any = None
         self.tokenizer: Any = None
         self.stop_token_ids: list[int] = []
         self.bos_token_id: int | None = None
-        self._jobs: list[_Job] = []
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._batch: Batch | None = None
 
     def _read_hf_config(self) -> Any:
         from transformers import AutoConfig
@@ -148,31 +134,47 @@ class TorchEngine:
     # Loading
 
     def load_gen(self) -> Iterator[tuple[int, int]]:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ModelFolderError(f"Failed to read the tokenizer of {self.model_name}: {exc}") from None
+        self.template = named_template(self.model_dir, self.options.prompt_template, self.load.notes)
+        for note in self.load.notes:
+            log.warning("Loading %s: %s", self.model_name, note)
         entries = self.tensors
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(self.hf_config, dtype=torch.float32)
-        expected = list(model.state_dict().keys())
-        present = [name for name in expected if name in entries]
-        groups = module_groups(present)
-        # Read with as many threads as the engine computes with (the `cpu_threads` setting).
-        reader = WeightReader(self.options.load_throttle_mbps, threads=torch.get_num_threads())
+        # The tokenizer is parsed beside the reads (started once the model code is imported), and is in
+        # place before the last step makes the model ready.
+        with ThreadPoolExecutor(1, thread_name_prefix="read-tokenizer") as side:
+            tokenizer = side.submit(self._read_tokenizer)
+            expected = list(model.state_dict().keys())
+            present = [name for name in expected if name in entries]
+            groups = module_groups(present)
+            # Read with as many threads as the engine computes with (the `cpu_threads` setting), into one
+            # block laid out for every tensor the model takes.
+            reserve = block_size({name: entries[name] for name in present})
+            reader = WeightReader(self.options.load_throttle_mbps, threads=torch.get_num_threads(), reserve=reserve)
+            try:
+                for k, (_, names) in enumerate(groups, start=1):
+                    if tokenizer.done():
+                        tokenizer.result()  # an unreadable tokenizer fails the load now, not after the reads
+                    # The tensors become the parameters as read (assign=True); only other dtypes are converted.
+                    tensors = {name: t.to(torch.float32) for name, t in reader.read_module({n: entries[n] for n in names}).items()}
+                    _assign(model, tensors)
+                    del tensors
+                    if k == len(groups):  # the last step also makes the model ready to answer
+                        self.tokenizer = tokenizer.result()
+                        self._finish_model(model)
+                    yield k, len(groups)
+            finally:
+                reader.close()
+
+    def _read_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
         try:
-            for k, (_, names) in enumerate(groups, start=1):
-                # The tensors become the parameters as read (assign=True); only other dtypes are converted.
-                tensors = {name: t.to(torch.float32) for name, t in reader.read_module({n: entries[n] for n in names}).items()}
-                _assign(model, tensors)
-                del tensors
-                if k == len(groups):  # the last step also makes the model ready to answer
-                    self._finish_model(model)
-                yield k, len(groups)
-        finally:
-            reader.close()
+            return AutoTokenizer.from_pretrained(self.model_dir)
+        except Exception as exc:  # noqa: BLE001  the tokenizers library raises a bare Exception for a malformed file
+            raise ModelFolderError(f"Failed to read the tokenizer of {self.model_name}: {exc}") from None
 
     def _finish_model(self, model: Any) -> None:
         if getattr(model.config, "tie_word_embeddings", False):
@@ -188,8 +190,8 @@ class TorchEngine:
         self.model = model
         self.stop_token_ids = self._eos_ids()
         self.bos_token_id = self.tokenizer.bos_token_id
-        self._thread = threading.Thread(target=self._run, name=f"generate-{self.model_name}", daemon=True)
-        self._thread.start()
+        install_row_attention(model)
+        self._batch = Batch(model, self.stop_token_ids, self._answer_text, self.model_name)
 
     def _eos_ids(self) -> list[int]:
         """The union of config.json's, generation_config.json's and the tokenizer's EOS ids."""
@@ -219,11 +221,14 @@ class TorchEngine:
     def render_chat(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, template_vars: dict[str, Any] | None = None
     ) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
+        if self.template is not None:
+            text = render_named(self.template[1], self.tokenizer, messages, add_generation_prompt, template_vars)
+        elif not getattr(self.tokenizer, "chat_template", None):
             raise ModelFolderError(f"{self.model_name} has no chat template; use /v1/completions instead.")
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **(template_vars or {})
-        )
+        else:
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **(template_vars or {})
+            )
         bos = self.tokenizer.bos_token
         # The prompt gets its BOS from encode(); a template that writes one too would double it.
         return str(text[len(bos) :] if bos and text.startswith(bos) else text)
@@ -231,19 +236,27 @@ class TorchEngine:
     def card_parameters(self) -> dict[str, Any]:
         return {
             "max_seq_len": self.max_seq_len,
-            "cache_size": self.max_seq_len,
+            "cache_size": self.load.cache_size,
             "cache_mode": "FP32",
-            "rope_scale": 1.0,
-            "rope_alpha": 1.0,
-            "max_batch_size": None,
+            "rope_scale": self.load.rope_scale,
+            "rope_alpha": self.load.rope_alpha,
+            "max_batch_size": MAX_ROWS,
             "chunk_size": self.max_seq_len,
-            "prompt_template": "tokenizer_config" if getattr(self.tokenizer, "chat_template", None) else None,
+            "prompt_template": self._template_name(),
             "prompt_template_content": None,
             "use_vision": False,
             "draft": None,
         }
 
+    def _template_name(self) -> str | None:
+        if self.template is not None:
+            return str(self.template[0])
+        return "tokenizer_config" if getattr(self.tokenizer, "chat_template", None) else None
+
     # Generation
+
+    def _answer_text(self, ids: list[int]) -> str:
+        return self.decode(ids, decode_special_tokens=False)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationChunk]:
         if len(prompt_ids) >= self.max_seq_len:
@@ -251,119 +264,28 @@ class TorchEngine:
         params.max_tokens = min(params.max_tokens, self.max_seq_len - len(prompt_ids))
         generator = torch.Generator()
         generator.manual_seed(params.seed if params.seed is not None else torch.seed())
-        job = _Job(prompt_ids, params, asyncio.get_running_loop(), asyncio.Queue(), generator)
-        with self._cond:
-            if self.model is None or self._stopping:
-                raise RuntimeError("The model was unloaded.")
-            self._jobs.append(job)
-            self._cond.notify()
+        answer = Answer(prompt_ids, params, asyncio.get_running_loop(), asyncio.Queue(), generator)
+        batch = self._batch
+        if batch is None:
+            raise RuntimeError("The model was unloaded.")
+        batch.submit(answer)  # raises too if the unload came first
         try:
             while True:
-                item = await job.queue.get()
+                item = await answer.queue.get()
                 if isinstance(item, BaseException):
                     raise item
                 yield item
                 if item.finish_reason:
                     return
         finally:
-            job.cancelled = True  # the worker drops it at its next turn
-
-    def _run(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self._cond:
-                    while not self._jobs and not self._stopping:
-                        self._cond.wait()
-                    if self._stopping:
-                        return
-                    jobs = list(self._jobs)
-                for job in jobs:
-                    self._step_or_drop(job)
-
-    def _step_or_drop(self, job: _Job) -> None:
-        done = job.cancelled
-        if not done:
-            try:
-                done = self._step(job)
-            except Exception as exc:  # noqa: BLE001  a failed step ends that job only
-                job.push(exc)
-                done = True
-        if done:
-            job.cache = None
-            with self._cond:
-                if job in self._jobs:
-                    self._jobs.remove(job)
-
-    def _step(self, job: _Job) -> bool:
-        """Advance one job by one token; True when it has finished."""
-        if job.cache is None:
-            inputs = torch.tensor([job.prompt_ids], dtype=torch.long)
-        else:
-            inputs = torch.tensor([[job.generated[-1]]], dtype=torch.long)
-        out = self.model(input_ids=inputs, past_key_values=job.cache, use_cache=True, logits_to_keep=1)
-        job.cache = out.past_key_values
-        params = job.params
-        banned = self.stop_token_ids if params.ban_eos_token or len(job.generated) < params.min_tokens else []
-        token = sample_next(out.logits[0, -1], job.prompt_ids + job.generated, job.generated, params, job.generator, banned)
-        if token in self.stop_token_ids or token in params.stop_token_ids:
-            rest = self.decode(job.generated, decode_special_tokens=False)[len(job.sent_text) :]
-            job.push(self._final(job, rest.rstrip("\ufffd"), "stop", None))
-            return True
-        job.generated.append(token)
-        return self._emit(job)
-
-    def _emit(self, job: _Job) -> bool:
-        text = self.decode(job.generated, decode_special_tokens=False)
-        for stop in job.params.stop:
-            at = text.find(stop, max(0, len(job.sent_text) - len(stop)))
-            if at >= 0:
-                job.push(self._final(job, text[len(job.sent_text) : at], "stop", stop))
-                return True
-        if len(job.generated) >= job.params.max_tokens:
-            job.push(self._final(job, text[len(job.sent_text) :], "length", None))
-            return True
-        safe = len(text) - _held_back(text, job.params.stop)
-        if safe > len(job.sent_text):
-            piece = text[len(job.sent_text) : safe]
-            job.sent_text = text[:safe]
-            job.push(GenerationChunk(text=piece, token_count=len(job.generated)))
-        return False
-
-    def _final(self, job: _Job, text: str, reason: str, stop_str: str | None) -> GenerationChunk:
-        return GenerationChunk(
-            text=text,
-            token_count=len(job.generated),
-            finish_reason=reason,
-            stop_str=stop_str,
-            prompt_tokens=len(job.prompt_ids),
-            completion_tokens=len(job.generated),
-        )
+            answer.cancelled = True  # the batch drops it before its next step
 
     # Unloading
 
     def unload(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=30)
-        for job in self._jobs:
-            job.push(RuntimeError("The model was unloaded."))
-        self._jobs.clear()
+        if self._batch is not None:
+            self._batch.stop()
+            self._batch = None
         self.model = None
         self.tokenizer = None
         _release_memory()
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters to hold: an unfinished UTF-8 sequence or a possible stop-string start."""
-    if text.endswith("\ufffd"):
-        return len(text) - len(text.rstrip("\ufffd"))
-    hold = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), hold, -1):
-            if text.endswith(stop[:n]):
-                hold = n
-                break
-    return hold
-

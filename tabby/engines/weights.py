@@ -4,15 +4,18 @@ A memory-mapped load looks instant and defers the disk reads to the first reques
 bytes here makes load progress (and load time) honest, and lets a throttle simulate a slow disk.
 
 The cost of a load is the copy out of the page cache plus the kernel's work of handing out (and
-zeroing) fresh pages; there is no other pass over the bytes. Each module's tensors are laid out in
-one anonymous memory block of their own, asked for in huge pages (one fault per 2 MiB instead of
-per 4 KiB), and the file bytes land in it through large `preadv` calls shared by a few threads:
-both costs are CPU work and one core cannot keep pace with the page cache. The block goes back to
-the system when its last tensor is dropped.
+zeroing) fresh pages; there is no other pass over the bytes. A load lays every tensor it will read
+out in one anonymous memory block (reserved up front, filled module by module as read; a page
+costs memory only once written), asked for in huge pages: one fault per 2 MiB instead of per 4 KiB,
+and no module ends in a part-used huge page that would fall back to small ones. The file bytes land
+in it through large `preadv` calls shared by a few threads, so the page being zeroed is the page
+copied into next, while it is still in the CPU's cache: both costs are CPU work and one core cannot
+keep pace with the page cache. The block goes back to the system when its last tensor is dropped.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import os
@@ -42,6 +45,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 ALIGN = 64  # every tensor starts on a cache line, as torch's own allocator would place it
 PIECE = 4 << 20  # bytes per read: large, yet small enough to share a module among threads
+HUGE_PAGE = 2 << 20  # where the reserved block starts, so that its first page can be a huge one
 
 
 @dataclass(frozen=True)
@@ -117,15 +121,48 @@ def _anonymous_block(size: int) -> mmap.mmap | bytearray:
     return block
 
 
-class WeightReader:
-    """Reads a module's tensors into memory of their own, optionally no faster than `throttle_mbps`."""
+def _to_huge_page(block: mmap.mmap | bytearray) -> int:
+    """How far into `block` the first huge-page boundary is (the kernel may not have placed it on one)."""
+    if isinstance(block, bytearray):
+        return 0
+    start = ctypes.c_char.from_buffer(block)
+    address = ctypes.addressof(start)
+    del start  # release the buffer export at once
+    return -address % HUGE_PAGE
 
-    def __init__(self, throttle_mbps: float = 0.0, threads: int = 1) -> None:
+
+def block_size(entries: Mapping[str, TensorEntry]) -> int:
+    """The bytes `entries` take once laid out for reading (each tensor on a cache line)."""
+    return sum(_padded(entry.nbytes) for entry in entries.values())
+
+
+def _padded(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+class WeightReader:
+    """Reads a module's tensors into memory of their own, optionally no faster than `throttle_mbps`.
+
+    With `reserve` (the `block_size` of everything the load will read), the modules are laid out one
+    after another in one block; a module that does not fit in what is left gets a block of its own.
+    """
+
+    def __init__(self, throttle_mbps: float = 0.0, threads: int = 1, reserve: int = 0) -> None:
         self.throttle_mbps = throttle_mbps
         self.bytes_read = 0
         self._started = time.monotonic()
         self._files: dict[Path, int] = {}
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="read-weights") if threads > 1 else None
+        self._arena: mmap.mmap | bytearray | None = _anonymous_block(reserve + HUGE_PAGE) if reserve > 0 else None
+        self._used = _to_huge_page(self._arena) if self._arena is not None else 0
+
+    def _place(self, size: int) -> tuple[mmap.mmap | bytearray, int]:
+        """Where a module of `size` bytes goes: the next part of the reserved block, or a block of its own."""
+        if self._arena is not None and self._used + size <= len(self._arena):
+            start = self._used
+            self._used += size
+            return self._arena, start
+        return _anonymous_block(max(size, 1)), 0
 
     def read_module(self, entries: Mapping[str, TensorEntry]) -> dict[str, torch.Tensor]:
         """Every tensor of `entries`, in the file's dtype and shape, its bytes really in memory."""
@@ -134,8 +171,9 @@ class WeightReader:
         size = 0
         for name in order:
             offsets[name] = size
-            size += -(-entries[name].nbytes // ALIGN) * ALIGN
-        block = _anonymous_block(max(size, 1))
+            size += _padded(entries[name].nbytes)
+        block, base = self._place(size)
+        offsets = {name: base + at for name, at in offsets.items()}
         view = memoryview(block)
         pieces = [
             (self._fd(entry.file), entry.file.name, view[offsets[name] + at : offsets[name] + min(at + PIECE, entry.nbytes)], entry.start + at)
@@ -168,6 +206,7 @@ class WeightReader:
                 time.sleep(due - elapsed)
 
     def close(self) -> None:
+        self._arena = None  # the tensors read keep it alive; what was never written costs nothing
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from tabby.engines import torch_engine
 from tabby.engines.base import LoadOptions, ModelFolderError
 from tabby.engines.torch_engine import TorchEngine, module_groups
-from tabby.engines.weights import TensorEntry, WeightReader, index_tensors
+from tabby.engines.weights import TensorEntry, WeightReader, block_size, index_tensors
 from tests.tabby.conftest import SMALL, TINY
 
 
@@ -23,9 +23,9 @@ def tiny_dir(demo_models: Path) -> Path:
     return demo_models / TINY
 
 
-def read_all(folder: Path, threads: int = 2, throttle_mbps: float = 0.0) -> dict[str, torch.Tensor]:
+def read_all(folder: Path, threads: int = 2, throttle_mbps: float = 0.0, reserve: bool = False) -> dict[str, torch.Tensor]:
     entries = index_tensors(folder)
-    reader = WeightReader(throttle_mbps, threads=threads)
+    reader = WeightReader(throttle_mbps, threads=threads, reserve=block_size(entries) if reserve else 0)
     try:
         tensors: dict[str, torch.Tensor] = {}
         for _, names in module_groups(list(entries)):
@@ -35,10 +35,11 @@ def read_all(folder: Path, threads: int = 2, throttle_mbps: float = 0.0) -> dict
         reader.close()
 
 
+@pytest.mark.parametrize("reserve", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_the_tensors_read_equal_the_files_tensors(tiny_dir: Path, threads: int) -> None:
+def test_the_tensors_read_equal_the_files_tensors(tiny_dir: Path, threads: int, reserve: bool) -> None:
     expected = load_file(tiny_dir / "model.safetensors")
-    got = read_all(tiny_dir, threads)
+    got = read_all(tiny_dir, threads, reserve=reserve)
     assert got.keys() == expected.keys()
     for name, tensor in expected.items():
         assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, name
@@ -89,23 +90,75 @@ def test_a_file_cut_during_the_load_fails_the_load_with_a_sentence(tiny_dir: Pat
     reader.close()
 
 
-def test_the_throttle_holds_the_read_to_the_disk_speed_asked_for(tiny_dir: Path) -> None:
+@pytest.mark.parametrize("reserve", [False, True])
+def test_the_throttle_holds_the_read_to_the_disk_speed_asked_for(tiny_dir: Path, reserve: bool) -> None:
     size = sum(e.nbytes for e in index_tensors(tiny_dir).values())
     started = time.monotonic()
-    read_all(tiny_dir, throttle_mbps=20)
+    read_all(tiny_dir, throttle_mbps=20, reserve=reserve)
     assert time.monotonic() - started >= size / 20e6 * 0.95
 
 
-def test_dropping_the_tensors_gives_their_memory_back(demo_models: Path) -> None:
+@pytest.mark.parametrize("reserve", [False, True])
+def test_dropping_the_tensors_gives_their_memory_back(demo_models: Path, reserve: bool) -> None:
     process = psutil.Process()
     folder = demo_models / SMALL
     before = process.memory_info().rss
-    tensors = read_all(folder)
+    tensors = read_all(folder, reserve=reserve)
     loaded = process.memory_info().rss
     del tensors
     after = process.memory_info().rss
     assert loaded - before > 150_000_000  # really read, not mapped for later
     assert after - before < 20_000_000
+
+
+def test_modules_are_laid_out_one_after_another_in_the_reserved_block(tiny_dir: Path) -> None:
+    entries = index_tensors(tiny_dir)
+    groups = module_groups(list(entries))
+    reader = WeightReader(threads=2, reserve=block_size(entries))
+    modules = [reader.read_module({name: entries[name] for name in names}) for _, names in groups]
+    reader.close()  # the tensors keep the block; closing the reader does not take it from them
+    starts = [min(t.data_ptr() for t in module.values() if t.numel()) for module in modules]
+    ends = [max(t.data_ptr() + t.nbytes for t in module.values()) for module in modules]
+    assert all(end <= start for end, start in zip(ends, starts[1:]))  # in reading order, none overlapping
+    assert ends[-1] - starts[0] <= block_size(entries)  # all in the one block
+    expected = load_file(tiny_dir / "model.safetensors")
+    for module in modules:
+        for name, tensor in module.items():
+            assert torch.equal(tensor, expected[name]), name
+            assert tensor.data_ptr() % 64 == 0 or tensor.numel() == 0, name
+
+
+def test_a_module_that_does_not_fit_the_reserve_gets_memory_of_its_own(tiny_dir: Path) -> None:
+    entries = index_tensors(tiny_dir)
+    (_, first), (_, second), *_ = module_groups(list(entries))
+    reader = WeightReader(reserve=block_size({name: entries[name] for name in first}))
+    got = {**reader.read_module({name: entries[name] for name in first}), **reader.read_module({name: entries[name] for name in second})}
+    reader.close()
+    expected = load_file(tiny_dir / "model.safetensors")
+    for name in first + second:
+        assert torch.equal(got[name], expected[name]), name
+
+
+def huge_page_bytes() -> int:
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.mark.skipif(
+    not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
+    or "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(),
+    reason="no transparent huge pages on this system",
+)
+def test_a_whole_load_lands_in_huge_pages(demo_models: Path) -> None:
+    # One fault per 2 MiB, not per 4 KiB: no module ends in a part-used huge page that falls back to small ones.
+    folder = demo_models / SMALL
+    size = block_size(index_tensors(folder))
+    before = huge_page_bytes()
+    tensors = read_all(folder, reserve=True)
+    assert huge_page_bytes() - before >= size - (4 << 20)
+    del tensors
 
 
 def test_the_engine_loads_the_files_weights_one_module_per_step(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -146,3 +199,19 @@ def test_a_model_in_half_precision_loads_in_float32_with_the_files_values(tiny_d
         assert state[name].dtype == torch.float32
         assert torch.equal(state[name], tensor.bfloat16().to(torch.float32)), name
     engine.unload()
+
+
+def test_the_engine_has_its_tokenizer_once_loaded_and_a_broken_one_fails_the_load(tiny_dir: Path, tmp_path: Path) -> None:
+    engine = TorchEngine(tiny_dir, LoadOptions())
+    for _ in engine.load_gen():
+        pass
+    assert engine.decode(engine.encode("Hello there", add_bos=False)) == "Hello there"
+    engine.unload()
+    for file in tiny_dir.iterdir():
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    (tmp_path / "tokenizer.json").write_text("{ this is not json")
+    broken = TorchEngine(tmp_path, LoadOptions())
+    with pytest.raises(ModelFolderError, match="Failed to read the tokenizer"):
+        for _ in broken.load_gen():
+            pass
+    broken.unload()
