@@ -1,7 +1,7 @@
 """Answering a question: claiming it, the conversation sent with it, streaming the answer to its pages.
 
 An answer is streamed from TabbyAPI on the process's event loop and relayed token by token to its
-conversation's pages; it is saved as it grows (at least every SAVE_EVERY seconds, which is also the
+conversation's pages; it is saved as it grows (by chat.growing, every SAVE_EVERY seconds, which is also the
 question's heartbeat), so an answer whose process died is noticed and queued again. `then`, given with
 each answer, runs once its slot is free (the queue releases the next message).
 """

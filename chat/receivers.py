@@ -8,7 +8,7 @@ from django.contrib.auth.signals import user_login_failed
 from django.dispatch import receiver
 
 from chat.models import Message
-from chat.queue import requeue_orphans, schedule_positions, waiting, wake
+from chat.queue import release_here, requeue_orphans, schedule_positions, waiting
 from gantry.metrics import LOGIN_FAILURES
 from models_admin.signals import count_running_answers, count_waiting, model_ready, model_unavailable
 
@@ -26,9 +26,14 @@ def waiting_messages(sender: Any, **kwargs: Any) -> int:
 
 @receiver(model_ready)
 def release_held_messages(sender: Any, **kwargs: Any) -> None:
-    """A model is ready: answers cut off by dead processes go back to the queue, and the queue moves."""
-    requeue_orphans()
-    wake()
+    """A model is ready: answers cut off by dead processes go back to the queue, and the queue moves.
+
+    Sent after each of the watcher's checks that finds the model ready (every second while a page is
+    open), so it does nothing more than look when nothing waits. Held messages are claimed here, in the
+    thread that learnt the model is ready: their answers start without a hop onto the event loop and back
+    into a thread."""
+    if requeue_orphans() or waiting().exists():
+        release_here()
 
 
 @receiver(model_unavailable)

@@ -10,10 +10,9 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.utils import timezone
 
+from chat.growing import track, untrack
 from chat.models import Message
 from gantry.broadcast import TokenEvent, abroadcast, conversation_group
 from gantry.metrics import FIRST_TOKEN_SECONDS, TOKENS_PER_SECOND
@@ -21,8 +20,6 @@ from models_admin.clients import answer_client
 from models_admin.models import Backend
 from models_admin.tabby_errors import BackendBadResponse, BackendError
 from models_admin.tabby_sse import ChatDelta
-
-SAVE_EVERY = 1.0  # seconds between saves of a growing answer (and checks for a Stop from elsewhere)
 
 
 class Stopped(Exception):
@@ -81,7 +78,7 @@ def too_long(exc: BackendError) -> bool:
 @asynccontextmanager
 async def opened(
     prompt: Prompt, backend: Backend, taken: threading.Event | None = None
-) -> AsyncIterator[AsyncGenerator[ChatDelta, None]]:
+) -> AsyncIterator[AsyncGenerator[list[ChatDelta], None]]:
     """The answer's stream from the backend, once its TabbyAPI has taken the request (`taken` is set then, or when it refused);
     leaving closes the response, which ends the generation upstream (Stop, cancellation)."""
     params = {"max_tokens": settings.GANTRY_MAX_ANSWER_TOKENS, **prompt.params}
@@ -89,7 +86,7 @@ async def opened(
         try:
             while True:
                 try:
-                    opening = answer_client(backend).open_chat(prompt.messages(), **params)
+                    opening = answer_client(backend).open_chat_batches(prompt.messages(), **params)
                     stream = await stack.enter_async_context(opening)
                     break
                 except BackendBadResponse as exc:
@@ -103,41 +100,40 @@ async def opened(
 
 
 async def relay(
-    stream: AsyncGenerator[ChatDelta, None],
+    stream: AsyncGenerator[list[ChatDelta], None],
     reply: Message,
     pieces: list[str],
     announced: Callable[[], Awaitable[None]],
     pace: Pace,
 ) -> str:
-    """The answer's pieces to its pages as they come (after `announced()`), saved now and then; returns
-    the model's name. Raises Stopped when the question was stopped elsewhere."""
+    """The answer's pieces to its pages as they come (after `announced()`), saved now and then (by
+    chat.growing, never here); returns the model's name. Raises Stopped when the question was stopped
+    elsewhere.
+
+    The pieces of one read of TabbyAPI's stream go out as one event: when this process falls behind
+    (a crowd of answers), a page gets what came meanwhile in one frame, not one frame a piece."""
     group = conversation_group(reply.conversation_id)
-    last_save = time.monotonic()
+    growing = track(reply, pieces)
     model = ""
-    async for delta in stream:
-        model = delta.model or model
-        if delta.usage:
-            pace.tokens = int(delta.usage.get("completion_tokens") or 0)
-        # A byte-level vocabulary has a NUL token, and PostgreSQL text cannot hold NUL: the save would fail.
-        text = delta.text.replace("\x00", "")
-        if text:
-            pace.piece(model)
-            pieces.append(text)
-            await announced()  # the answer's message before its first token
-            await abroadcast(group, TokenEvent(type="chat.token", message_id=reply.pk, text=text))
-        if time.monotonic() - last_save >= SAVE_EVERY:
-            last_save = time.monotonic()
-            if not await _save_partial(reply, "".join(pieces)):
+    try:
+        async for deltas in stream:
+            text = ""
+            for delta in deltas:
+                model = delta.model or model
+                if delta.usage:
+                    pace.tokens = int(delta.usage.get("completion_tokens") or 0)
+                # A byte-level vocabulary has a NUL token, and PostgreSQL text cannot hold NUL: the save would fail.
+                piece = delta.text.replace("\x00", "")
+                if piece:
+                    pace.piece(model)
+                    text += piece
+            if text:
+                pieces.append(text)
+                await announced()  # the answer's message before its first token
+                await abroadcast(group, TokenEvent(type="chat.token", message_id=reply.pk, text=text))
+            if growing.stopped:
                 raise Stopped
+    finally:
+        untrack(growing)
     pace.ended(model)
     return model
-
-
-@sync_to_async
-def _save_partial(reply: Message, content: str) -> bool:
-    """Save the answer so far; False when the question was stopped meanwhile (possibly elsewhere)."""
-    now = timezone.now()
-    Message.objects.filter(pk=reply.pk).update(content=content, updated=now)
-    # Touching the question is this answer's heartbeat (see Message.objects.answering()).
-    question = Message.objects.filter(pk=reply.reply_to_id or 0, status=Message.Status.GENERATING)
-    return bool(question.update(updated=now))

@@ -151,7 +151,9 @@ if REDIS_URL:
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "gantry.layers.InMemoryChannelLayer", "CONFIG": {"capacity": CHANNEL_CAPACITY}}}
     CACHES = {
-        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+        # Roomy: each open socket holds an entry (its place, gantry/socket_slots.py), and the stock limit of
+        # 300 entries would push the places of a thousand open pages out, each beat taking them anew.
+        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "OPTIONS": {"MAX_ENTRIES": 100_000}},
         # The login failure counters apart from sessions, and roomy (each entry is a fixed-size hash and a
         # number): guesses at many usernames must not push a locked account's count out of the cache.
         "logins": {

@@ -23,6 +23,7 @@ from django.utils.crypto import constant_time_compare
 
 from gantry.broadcast import SessionEndedEvent, broadcast, sockets_group
 from gantry.metrics import WEBSOCKETS
+from gantry.parsers import loads
 from gantry.socket_slots import give_back, keep_place, take_place
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,67 @@ def end_sessions(user_id: int, session_key: str | None = None) -> None:
     """Close the sockets of one session of the user (`session_key`), or of all of them (None)."""
     broadcast(sockets_group(user_id), SessionEndedEvent(type="session.ended", session_key=session_key))
 
-from gantry.parsers import loads
+
+# The heartbeat of this process's sockets: one task and one thread hop a beat for all of them (each session
+# read once), not a timer and a database round per socket.
+_beating: set[EventConsumer] = set()
+_beat_task: asyncio.Task[None] | None = None
+
+
+def beat_for(socket: EventConsumer) -> None:
+    global _beat_task
+    _beating.add(socket)
+    if _beat_task is None or _beat_task.done():
+        _beat_task = asyncio.get_running_loop().create_task(_beat())
+
+
+def beat_no_more(socket: EventConsumer) -> None:
+    _beating.discard(socket)
+    if not _beating and _beat_task is not None:
+        _beat_task.cancel()  # the last socket closed: no task waits out a heartbeat for nothing
+
+
+async def _beat() -> None:
+    while _beating:
+        await asyncio.sleep(settings.GANTRY_SOCKET_HEARTBEAT)
+        sockets = list(_beating)
+        try:
+            verdicts = await database_sync_to_async(_renew_all)([(s.user_id, s.session_key, s.place, s.channel_name) for s in sockets])
+        except Exception:  # any failure: a passing outage of the database or cache ends no page; the next beat tries again
+            log.warning("The sockets' heartbeat failed; trying again at the next one.", exc_info=True)
+            continue
+        closed = []
+        for socket, (holds, place) in zip(sockets, verdicts):
+            if socket not in _beating:  # it closed meanwhile: a place it took again goes back
+                closed.append((place, socket.channel_name))
+                continue
+            socket.place = place
+            if not holds or place is None:
+                _beating.discard(socket)
+                await socket.close(code=SESSION_ENDED if not holds else NO_PLACE)
+        if closed:
+            await database_sync_to_async(_give_back_all)(closed)
+
+
+def _renew_all(sockets: list[tuple[Any, str | None, str | None, str]]) -> list[tuple[bool, str | None]]:
+    """For each socket (user, session, place, channel): whether its session holds, and its place renewed."""
+    holding: dict[tuple[Any, str | None], bool] = {}
+    verdicts: list[tuple[bool, str | None]] = []
+    for user_id, session_key, place, channel_name in sockets:
+        holds = holding.get((user_id, session_key))
+        if holds is None:
+            holds = holding[(user_id, session_key)] = session_holds(user_id, session_key)
+        if not holds:
+            verdicts.append((False, place))
+        else:
+            verdicts.append((True, keep_place(place, user_id, channel_name) if place is not None else None))
+    return verdicts
+
+
+def _give_back_all(places: list[tuple[str | None, str]]) -> None:
+    for place, channel_name in places:
+        if place is not None:
+            give_back(place, channel_name)
 
 
 # This process's open pages, by page: someone is looking at the model's state (see models_admin.watcher).
@@ -80,7 +141,7 @@ class EventConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     _counted = False
     session_key: str | None = None
     place: str | None = None
-    heartbeat: asyncio.Task[None] | None = None
+    user_id: Any = None
 
     async def admits(self, user: Any) -> bool:
         """Whether this user may open this socket (a subclass's own rule: admins only, own conversation)."""
@@ -110,7 +171,8 @@ class EventConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
             await self.close()  # 403: the session ended meanwhile, or the user has too many sockets open
             return
         await self.accept()
-        self.heartbeat = asyncio.create_task(self._beat(user.pk))
+        self.user_id = user.pk
+        beat_for(self)
         await self.greet()
 
     def _admit(self, user_id: int) -> str | None:
@@ -118,8 +180,7 @@ class EventConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
 
     async def disconnect(self, code: int) -> None:
         # Channels has left the groups already.
-        if self.heartbeat is not None:
-            self.heartbeat.cancel()
+        beat_no_more(self)
         if self.place is not None:
             await database_sync_to_async(give_back)(self.place, self.channel_name)
             self.place = None
@@ -127,24 +188,6 @@ class EventConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     async def session_ended(self, event: SessionEndedEvent) -> None:
         if event["session_key"] is None or event["session_key"] == self.session_key:
             await self.close(code=SESSION_ENDED)
-
-    async def _beat(self, user_id: int) -> None:
-        while True:
-            await asyncio.sleep(settings.GANTRY_SOCKET_HEARTBEAT)
-            try:
-                holds, place = await database_sync_to_async(self._renew)(user_id, self.place)
-            except Exception:  # any failure: a passing outage of the database or cache ends no page; the next beat tries again
-                log.warning("A socket's heartbeat failed; trying again at the next one.", exc_info=True)
-                continue
-            self.place = place
-            if not holds or place is None:
-                await self.close(code=SESSION_ENDED if not holds else NO_PLACE)
-                return
-
-    def _renew(self, user_id: int, place: str | None) -> tuple[bool, str | None]:
-        if not session_holds(user_id, self.session_key):
-            return False, place
-        return True, keep_place(place, user_id, self.channel_name) if place is not None else None
 
     async def accept(self, subprotocol: str | None = None, headers: Any = None) -> None:
         await super().accept(subprotocol, headers)

@@ -262,9 +262,9 @@ def _succeed(reporter: Reporter) -> None:
     op = reporter.operation
     switched = op.kind == Operation.Kind.SWITCH
     _finish(op, Operation.Status.SUCCEEDED, active=op.to_model if switched else "")
-    reporter.report("done", 100, "✓ Model switched successfully!" if switched else "✓ Model unloaded")
-    if switched:
+    if switched:  # held messages first: their answers wait on nothing but the model
         model_ready.send(sender=Backend, backend_id=op.backend_id, model=op.to_model)
+    reporter.report("done", 100, "✓ Model switched successfully!" if switched else "✓ Model unloaded")
 
 
 def _fail(reporter: Reporter, exc: Exception, client: TabbyClient) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Self, TypedDict, TypeVar, cast
@@ -32,6 +32,7 @@ from models_admin.tabby_errors import (
 from models_admin.tabby_sse import ChatDelta, ChatReader, LoadProgress, LoadReader, StreamReader
 
 T = TypeVar("T")
+U = TypeVar("U")
 KeyKind = Literal["admin", "api"]
 
 
@@ -302,25 +303,57 @@ class TabbyClient:
     ) -> AbstractAsyncContextManager[AsyncGenerator[ChatDelta, None]]:
         """An answer's stream: entered once TabbyAPI has taken the request (the answer's headers came), it
         gives the pieces; leaving it closes the response, which makes TabbyAPI stop the generation."""
-        return self._opened(chat_call(messages, params), ChatReader())
+        return self._opened(chat_call(messages, params), ChatReader(), _items)
+
+    def open_chat_batches(
+        self, messages: Sequence[Mapping[str, Any]], **params: Any
+    ) -> AbstractAsyncContextManager[AsyncGenerator[list[ChatDelta], None]]:
+        """As `open_chat`, but the pieces that came in one read of the connection come as one list: a
+        reader that fell behind TabbyAPI (a busy process) catches up in one step, not one step a piece."""
+        return self._opened(chat_call(messages, params), ChatReader(), _batches)
 
     @asynccontextmanager
-    async def _opened(self, call: Call, reader: StreamReader[T]) -> AsyncIterator[AsyncGenerator[T, None]]:
+    async def _opened(
+        self, call: Call, reader: StreamReader[T], items: Callable[[httpx.Response, StreamReader[T]], AsyncGenerator[U, None]]
+    ) -> AsyncIterator[AsyncGenerator[U, None]]:
         # The caller's reading happens inside this block, so a transport error while reading is translated too.
         with translated_errors(self.config, call):
             async with self.async_http.stream(**request_args(self.config, call)) as response:
                 if not is_event_stream(response):
                     await response.aread()
                     raise answer_error(self.config, call, response)
-                async with aclosing(_items(response, reader)) as items:
-                    yield items
+                async with aclosing(items(response, reader)) as read:
+                    yield read
 
 
 async def _items(response: httpx.Response, reader: StreamReader[T]) -> AsyncGenerator[T, None]:
-    async for chunk in response.aiter_bytes():
-        for item in reader.feed(chunk):
+    async for batch in _batches(response, reader):
+        for item in batch:
             yield item
+
+
+async def _batches(response: httpx.Response, reader: StreamReader[T]) -> AsyncGenerator[list[T], None]:
+    """The items of each read of the response, as one list (never empty)."""
+    async for chunk in response.aiter_bytes():
+        batch, error = _taken(reader.feed(chunk))
+        if batch:
+            yield batch
+        if error is not None:
+            raise error
         if reader.done:
             break
-    for item in reader.end():
-        yield item
+    batch, error = _taken(reader.end())
+    if batch:
+        yield batch
+    if error is not None:
+        raise error
+
+
+def _taken(items: Iterator[T]) -> tuple[list[T], BackendError | None]:
+    """The items up to an error event, and that error: the items before it are handed over first."""
+    taken: list[T] = []
+    try:
+        taken.extend(items)  # what came before the error stays in the list
+    except BackendError as exc:
+        return taken, exc
+    return taken, None

@@ -528,3 +528,33 @@ async def test_an_opened_chat_refused_by_tabby_raises_on_entry() -> None:
         async with client.open_chat(HELLO):
             raise AssertionError("a refused answer has no stream to read")
     await client.aclose()
+
+
+async def batches_of(reads: list[bytes], seen: list[list[str]]) -> None:
+    client = TabbyClient(CONFIG, transport=streaming(reads).transport())
+    try:
+        async with client.open_chat_batches(HELLO) as batches:
+            async for batch in batches:
+                seen.append([delta.text for delta in batch])
+    finally:
+        await client.aclose()
+
+
+async def test_an_answers_pieces_that_came_in_one_read_come_together_in_order() -> None:
+    reads = [
+        (chat_event(PIECES[0]) + chat_event(PIECES[1])).encode(),
+        chat_event(PIECES[2]).encode()[:7],  # an event cut between two reads
+        chat_event(PIECES[2]).encode()[7:] + (chat_event("", "stop", USAGE) + "data: [DONE]\r\n\r\n").encode(),
+    ]
+    seen: list[list[str]] = []
+    await batches_of(reads, seen)
+    assert seen == [PIECES[:2], [PIECES[2], ""]]
+    assert [text for batch in seen for text in batch] == [d.text for d in await call(streaming(reads).transport(), "open_chat", HELLO)]
+
+
+async def test_pieces_read_with_an_error_event_are_handed_over_before_the_error() -> None:
+    reads = [(chat_event(PIECES[0]) + chat_event(PIECES[1]) + 'data: {"error": {"message": "out of memory"}}\r\n\r\n').encode()]
+    seen: list[list[str]] = []
+    with pytest.raises(GenerationFailed, match="out of memory"):
+        await batches_of(reads, seen)
+    assert seen == [PIECES[:2]]
