@@ -102,9 +102,9 @@ def refresh(request: HttpRequest) -> JsonResponse:
 @admin_api
 async def switch(request: HttpRequest) -> JsonResponse:
     body = body_of(request)
-    model_id = body.get("model_id") if body is not None else None
-    if not isinstance(model_id, str) or not model_id:
-        return detail('Send a JSON body like {"model_id": "<model name>"}.', 400)
+    model_id = requested_model(body)
+    if model_id is None:
+        return detail(MODEL_BODY, 400)
     strategy = body.get("strategy", Roll.Strategy.ROLLING) if body is not None else Roll.Strategy.ROLLING
     if strategy not in Roll.Strategy.values:
         return detail('The strategy is "rolling" (the default: one backend at a time, the others answering) or "all".', 400)
@@ -112,16 +112,8 @@ async def switch(request: HttpRequest) -> JsonResponse:
         return await fleet_switch(request, model_id, strategy)
     try:
         operation = await in_web_thread(operations.request_switch, model_id, request.user, source_of(request))
-    except operations.UnknownModel:
-        return detail(f"There is no model named {model_id}.", 404)
-    except BackendAuthError as exc:
-        return detail(SWITCH_FAILED, 502, reason=exc.message)
-    except operations.StillLoading as exc:
-        return detail(exc.message, 409)
-    except operations.OperationConflict as exc:
-        running = exc.running
-        message = f"Another operation is running ({running.kind} to {running.to_model or 'nothing'}); try again when it ends."
-        return detail(message, 409, operation_id=running.pk)
+    except SWITCH_REFUSALS as exc:
+        return switch_refused(exc, model_id)
     answer = JsonResponse({"message": f"Model switched to {model_id}", "model_id": model_id})
     return await when_over(operation, answer, SWITCH_FAILED)
 
@@ -130,17 +122,11 @@ async def fleet_switch(request: HttpRequest, model_id: str, strategy: str) -> Js
     """The switch of a fleet (several backends): a roll, answered when it has ended."""
     try:
         roll = await in_web_thread(rolling.request_roll, model_id, request.user, source_of(request), strategy)
-    except operations.UnknownModel:
-        return detail(f"There is no model named {model_id}.", 404)
-    except BackendAuthError as exc:
-        return detail(SWITCH_FAILED, 502, reason=exc.message)
     except rolling.RollConflict as exc:
         message = f"Another fleet switch is running (to {exc.running.to_model}); try again when it ends."
         return detail(message, 409, roll_id=exc.running.pk)
-    except operations.OperationConflict as exc:
-        running = exc.running
-        message = f"Another operation is running ({running.kind} to {running.to_model or 'nothing'}); try again when it ends."
-        return detail(message, 409, operation_id=running.pk)
+    except SWITCH_REFUSALS as exc:
+        return switch_refused(exc, model_id)
     answer = {"message": f"Model switched to {model_id}", "model_id": model_id, "roll_id": roll.pk if roll else None}
     if roll is None:
         return JsonResponse(answer)
@@ -150,6 +136,31 @@ async def fleet_switch(request: HttpRequest, model_id: str, strategy: str) -> Js
     step = await in_web_thread(rolling.failed_step, ended)
     rolled_back = step.rolled_back if step else False
     return detail(SWITCH_FAILED, 502, reason=ended.error, roll_id=ended.pk, operation_id=step.pk if step else None, rolled_back=rolled_back)
+
+
+MODEL_BODY = 'Send a JSON body like {"model_id": "<model name>"}.'
+# What refuses a switch before it begins: an unknown model, a refused key, a load TabbyAPI still runs,
+# another operation.
+SWITCH_REFUSALS = (operations.UnknownModel, BackendAuthError, operations.StillLoading, operations.OperationConflict)
+
+
+def requested_model(body: dict[str, Any] | None) -> str | None:
+    model_id = body.get("model_id") if body is not None else None
+    return model_id if isinstance(model_id, str) and model_id else None
+
+
+def switch_refused(exc: Exception, model_id: str, backend: str = "") -> JsonResponse:
+    """The answer to a switch refused before it began (`backend`: the one backend it was for, if any)."""
+    if isinstance(exc, operations.UnknownModel):
+        return detail(f"The backend {backend} has no model named {model_id}." if backend else f"There is no model named {model_id}.", 404)
+    if isinstance(exc, BackendAuthError):
+        return detail(SWITCH_FAILED, 502, reason=exc.message)
+    if isinstance(exc, operations.StillLoading):
+        return detail(exc.message, 409)
+    assert isinstance(exc, operations.OperationConflict)
+    running, where = exc.running, f" on {backend}" if backend else ""
+    message = f"Another operation is running{where} ({running.kind} to {running.to_model or 'nothing'}); try again when it ends."
+    return detail(message, 409, operation_id=running.pk)
 
 
 @require_POST

@@ -13,7 +13,19 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from gantry.serving import in_web_thread
 from models_admin import fleet, operations, rolling
-from models_admin.api import SWITCH_FAILED, UNLOAD_FAILED, admin_api, body_of, detail, source_of, when_over
+from models_admin.api import (
+    MODEL_BODY,
+    SWITCH_FAILED,
+    SWITCH_REFUSALS,
+    UNLOAD_FAILED,
+    admin_api,
+    body_of,
+    detail,
+    requested_model,
+    source_of,
+    switch_refused,
+    when_over,
+)
 from models_admin.models import Backend
 from models_admin.signals import running_answers
 from models_admin.tabby_errors import BackendAuthError
@@ -83,25 +95,16 @@ def resume(request: HttpRequest, name: str) -> JsonResponse:
 @require_POST
 @admin_api
 async def switch(request: HttpRequest, name: str) -> JsonResponse:
-    body = body_of(request)
-    model_id = body.get("model_id") if body is not None else None
-    if not isinstance(model_id, str) or not model_id:
-        return detail('Send a JSON body like {"model_id": "<model name>"}.', 400)
+    model_id = requested_model(body_of(request))
+    if model_id is None:
+        return detail(MODEL_BODY, 400)
     try:
         found = await in_web_thread(fleet.named, name)
         operation = await in_web_thread(operations.request_switch, model_id, request.user, source_of(request), found)
     except fleet.FleetError as exc:
         return detail(exc.message, exc.status)
-    except operations.UnknownModel:
-        return detail(f"The backend {name} has no model named {model_id}.", 404)
-    except BackendAuthError as exc:
-        return detail(SWITCH_FAILED, 502, reason=exc.message)
-    except operations.StillLoading as exc:
-        return detail(exc.message, 409)
-    except operations.OperationConflict as exc:
-        running = exc.running
-        message = f"Another operation is running on {name} ({running.kind} to {running.to_model or 'nothing'}); try again when it ends."
-        return detail(message, 409, operation_id=running.pk)
+    except SWITCH_REFUSALS as exc:
+        return switch_refused(exc, model_id, name)
     answer = JsonResponse({"message": f"Backend {name} switched to {model_id}", "model_id": model_id, "backend": name})
     return await when_over(operation, answer, SWITCH_FAILED)
 

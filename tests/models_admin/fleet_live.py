@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from harness.site import ADMIN, MEMBER, Site, receive_until
-from harness.tabby_server import wait_loaded
+from harness.tabby_server import ADMIN_KEY, API_KEY, wait_loaded
 from tests.conftest import TINY, TINY_SERVER
 from tests.models_admin.live import RestartableTabby, query, wait_until
 
@@ -28,6 +30,31 @@ class Pair:
 
     def by_url(self, url: str) -> RestartableTabby:
         return self.first if url == self.first.url else self.second
+
+
+@contextmanager
+def started_pair(
+    root: Path, demo_models: Path, config: dict[str, Any] = TINY_SERVER, second: dict[str, Any] | None = None, second_model: str = TINY
+) -> Iterator[Pair]:
+    """Two servers started with `config` (the second with `second` if given), the first holding the tiny
+    model, the second `second_model`; stopped at the end."""
+    servers = Pair(root, demo_models)
+    try:
+        wait_loaded(servers.first.start(config), TINY)
+        wait_loaded(servers.second.start(second or config), second_model)
+        yield servers
+    finally:
+        servers.first.stop()
+        servers.second.stop()
+
+
+def add_second(site: Site, url: str) -> None:
+    """Register the server at `url` as the backend SECOND, and wait until both backends are ready."""
+    with site.session(ADMIN) as admin:
+        body = {"name": SECOND, "url": url, "api_key": API_KEY, "admin_key": ADMIN_KEY}
+        added = admin.post("/api/admin/backends", json=body)
+        assert added.status_code == 201, added.text
+        wait_until(lambda: all(b["state"] == "ready" for b in listed(admin)), 30, "both backends ready")
 
 
 def listed(admin: httpx.Client) -> list[dict[str, Any]]:

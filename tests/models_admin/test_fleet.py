@@ -10,31 +10,31 @@ import httpx
 import pytest
 
 from harness.site import ADMIN, MEMBER, Site, receive_until, run_site
-from harness.tabby_server import ADMIN_KEY, API_KEY, wait_loaded
-from tests.conftest import TINY, TINY_SERVER
-from tests.models_admin.fleet_live import SECOND, Pair, answered_by, ask, by_name, killed_mid_answer, listed
-from tests.models_admin.live import query, wait_until
+from harness.tabby_server import ADMIN_KEY, API_KEY
+from tests.conftest import TINY
+from tests.models_admin.fleet_live import (
+    SECOND,
+    Pair,
+    add_second,
+    answered_by,
+    ask,
+    by_name,
+    killed_mid_answer,
+    started_pair,
+)
+from tests.models_admin.live import query
 
 
 @pytest.fixture(scope="module")
 def pair(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
-    servers = Pair(tmp_path_factory.mktemp("fleet"), demo_models)
-    try:
-        for server in (servers.first, servers.second):
-            wait_loaded(server.start(TINY_SERVER), TINY)
+    with started_pair(tmp_path_factory.mktemp("fleet"), demo_models) as servers:
         yield servers
-    finally:
-        servers.first.stop()
-        servers.second.stop()
 
 
 @pytest.fixture(scope="module")
 def site(pair: Pair, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     with run_site(tmp_path_factory.mktemp("site"), pair.first.url) as site:
-        with site.session(ADMIN) as admin:
-            added = admin.post("/api/admin/backends", json={"name": SECOND, "url": pair.second.url, "api_key": API_KEY, "admin_key": ADMIN_KEY})
-            assert added.status_code == 201, added.text
-            wait_until(lambda: all(b["state"] == "ready" for b in listed(admin)), 30, "both backends ready")
+        add_second(site, pair.second.url)
         yield site
 
 

@@ -14,10 +14,9 @@ import httpx
 import pytest
 
 from harness.site import ADMIN, MEMBER, Site, receive_until, run_site
-from harness.tabby_server import ADMIN_KEY, API_KEY, wait_loaded
-from tests.conftest import TINY, TINY_SERVER
-from tests.models_admin.fleet_live import SECOND, Pair, answered_by, by_name, listed
-from tests.models_admin.live import query, wait_until
+from tests.conftest import TINY
+from tests.models_admin.fleet_live import SECOND, Pair, add_second, answered_by, by_name, started_pair
+from tests.models_admin.live import query
 
 SMALL = "Small-Chat-200M"
 SMALL_SERVER = {"model": {"model_name": SMALL}, "developer": {"cpu_threads": 1}}
@@ -26,23 +25,14 @@ NOBODY_HAS = "Huge-Chat-Nowhere"
 
 @pytest.fixture(scope="module")
 def pair(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
-    servers = Pair(tmp_path_factory.mktemp("fleet"), demo_models)
-    try:
-        wait_loaded(servers.first.start(TINY_SERVER), TINY)
-        wait_loaded(servers.second.start(SMALL_SERVER), SMALL, timeout=120)
+    with started_pair(tmp_path_factory.mktemp("fleet"), demo_models, second=SMALL_SERVER, second_model=SMALL) as servers:
         yield servers
-    finally:
-        servers.first.stop()
-        servers.second.stop()
 
 
 @pytest.fixture(scope="module")
 def site(pair: Pair, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     with run_site(tmp_path_factory.mktemp("site"), pair.first.url) as site:
-        with site.session(ADMIN) as admin:
-            added = admin.post("/api/admin/backends", json={"name": SECOND, "url": pair.second.url, "api_key": API_KEY, "admin_key": ADMIN_KEY})
-            assert added.status_code == 201, added.text
-            wait_until(lambda: all(b["state"] == "ready" for b in listed(admin)), 30, "both backends ready")
+        add_second(site, pair.second.url)
         yield site
 
 

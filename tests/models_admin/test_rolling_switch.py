@@ -22,10 +22,10 @@ import httpx
 import pytest
 
 from harness.site import ADMIN, MEMBER, Site, receive_until, run_site
-from harness.tabby_server import ADMIN_KEY, API_KEY, wait_loaded
+from harness.tabby_server import wait_loaded
 from tests.conftest import TINY
-from tests.models_admin.fleet_live import SECOND, by_name, listed
-from tests.models_admin.live import RestartableTabby, query, wait_until
+from tests.models_admin.fleet_live import SECOND, add_second, by_name, listed
+from tests.models_admin.live import RestartableTabby, query
 
 SMALL = "Small-Chat-200M"
 OTHER = "Other-Chat"  # a good model on the default backend's server, a broken folder on the second's
@@ -66,10 +66,7 @@ def pair(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 def site(pair: tuple[RestartableTabby, RestartableTabby], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     env = {"GANTRY_MAX_ANSWER_TOKENS": "24"}
     with run_site(tmp_path_factory.mktemp("site"), pair[0].url, extra_env=env) as site:
-        with site.session(ADMIN) as admin:
-            added = admin.post("/api/admin/backends", json={"name": SECOND, "url": pair[1].url, "api_key": API_KEY, "admin_key": ADMIN_KEY})
-            assert added.status_code == 201, added.text
-            wait_until(lambda: all(b["state"] == "ready" for b in listed(admin)), 30, "both backends ready")
+        add_second(site, pair[1].url)
         yield site
 
 

@@ -9,24 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from harness.site import ADMIN, Site, run_site, start_daphne
-from harness.tabby_server import ADMIN_KEY, API_KEY, free_port, wait_loaded
-from tests.conftest import TINY, TINY_SERVER
-from tests.models_admin.fleet_live import SECOND, Pair, killed_mid_answer, listed
-from tests.models_admin.live import wait_until
+from harness.site import Site, run_site, start_daphne
+from harness.tabby_server import free_port
+from tests.models_admin.fleet_live import Pair, add_second, killed_mid_answer, started_pair
 from tests.production.stack import private_database, private_redis, start_celery, start_worker
 
 
 @pytest.fixture(scope="module")
 def pair(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
-    servers = Pair(tmp_path_factory.mktemp("fleet"), demo_models)
-    try:
-        for server in (servers.first, servers.second):
-            wait_loaded(server.start(TINY_SERVER), TINY)
+    with started_pair(tmp_path_factory.mktemp("fleet"), demo_models) as servers:
         yield servers
-    finally:
-        servers.first.stop()
-        servers.second.stop()
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +30,7 @@ def site(pair: Pair, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]
             start_daphne(site, free_port(), name="daphne-2")
             start_celery(site, "beat", "beat", "--schedule", str(workdir / "beat-schedule"))
             start_worker(site, "worker-1")
-            with site.session(ADMIN) as admin:
-                body = {"name": SECOND, "url": pair.second.url, "api_key": API_KEY, "admin_key": ADMIN_KEY}
-                added = admin.post("/api/admin/backends", json=body)
-                assert added.status_code == 201, added.text
-                wait_until(lambda: all(b["state"] == "ready" for b in listed(admin)), 30, "both backends ready")
+            add_second(site, pair.second.url)
             yield site
 
 
