@@ -25,8 +25,9 @@ import yaml
 from django.conf import settings
 from django.db import transaction
 
+from models_admin.fleet import NAME
 from models_admin.model_settings import ModelSettings, Source, save_settings
-from models_admin.models import Backend
+from models_admin.models import DEFAULT_BACKEND, Backend
 from models_admin.settings_fields import SettingsInvalid, Values, changes, clean
 
 VERSION = 1
@@ -118,8 +119,8 @@ def _backends(items: Any, problems: list[str]) -> list[dict[str, str]]:
         ]
         problems += [f"{where}: `{key}` is missing." for key in REQUIRED_BACKEND_KEYS if key not in item]
         name, url = item.get("name"), item.get("url")
-        if "name" in item and (not isinstance(name, str) or not 0 < len(name.strip()) <= 100):
-            problems.append(f"{where}: name must be text of 1 to 100 characters.")
+        if "name" in item and (not isinstance(name, str) or not NAME.match(name.strip())):
+            problems.append(f"{where}: a backend's name is 1 to 64 lowercase letters, digits and dashes (not at either end), like gpu-2.")
         elif isinstance(name, str) and name.strip() in names:
             problems.append(f"{where}: the name {name.strip()} is used twice.")
         if "url" in item and not _is_url(url):
@@ -180,10 +181,19 @@ def import_fleet(fleet: Fleet, dry_run: bool = False) -> Report:
 def _import_backend(item: dict[str, str], report: Report) -> None:
     fields = {column: item[key] for key, column in BACKEND_FIELDS.items() if key != "name"}
     backend = Backend.objects.select_for_update().filter(name=item["name"]).first()
+    if item["name"] == DEFAULT_BACKEND:
+        # The default backend is the server of TABBY_HOST, with the settings' keys: a file does not move it.
+        if backend is not None and backend.base_url != item["url"]:
+            report.lines.append(f"backend default: its URL comes from TABBY_HOST ({backend.base_url}); {item['url']} not taken")
+        report.unchanged += 1
+        return
     if backend is None:
         Backend.objects.create(name=item["name"], **fields)
         report.added += 1
-        report.lines.append(f"backend {item['name']}: added ({item['url']})")
+        report.lines.append(
+            f"backend {item['name']}: added ({item['url']}); give it its keys in the Backends tab "
+            f"(or PATCH /api/admin/backends/{item['name']}/) before it can answer"
+        )
         return
     differ = {column: value for column, value in fields.items() if getattr(backend, column) != value}
     if not differ:

@@ -52,12 +52,13 @@ def test_an_imported_fleet_is_exported_as_it_was_read_and_imports_again_unchange
     source.write_text(FLEET)
 
     report = run("import_fleet", str(source))
-    assert "backend default: base_url http://127.0.0.1:9999 → http://127.0.0.1:5000" in report
-    assert "backend gpu-2: added (http://10.0.0.2:5000)" in report
+    # The default backend is TABBY_HOST's server: a file names it but does not move it.
+    assert "backend default: its URL comes from TABBY_HOST (http://127.0.0.1:9999); http://127.0.0.1:5000 not taken" in report
+    assert "backend gpu-2: added (http://10.0.0.2:5000); give it its keys in the Backends tab" in report
     assert "Tiny-Chat-5M: max_seq_len unset → 1024" in report
-    assert report.strip().endswith("1 backend added, 1 updated, settings of 2 models changed, 0 unchanged.")
+    assert report.strip().endswith("1 backend added, 0 updated, settings of 2 models changed, 1 unchanged.")
     backends, models, audited = state()
-    assert backends == [("default", "http://127.0.0.1:5000"), ("gpu-2", "http://10.0.0.2:5000")]
+    assert backends == [("default", "http://127.0.0.1:9999"), ("gpu-2", "http://10.0.0.2:5000")]
     assert models["Tiny-Chat-5M"] == {
         "max_seq_len": 1024,
         "cache_mode": "Q4",
@@ -70,7 +71,7 @@ def test_an_imported_fleet_is_exported_as_it_was_read_and_imports_again_unchange
     assert run("export_fleet", "--output", str(exported)).strip() == f"Fleet written to {exported}."
     data = yaml.safe_load(exported.read_text())
     assert data["backends"] == [
-        {"name": "default", "url": "http://127.0.0.1:5000"},
+        {"name": "default", "url": "http://127.0.0.1:9999"},
         {"name": "gpu-2", "url": "http://10.0.0.2:5000"},
     ]
     assert data["models"] == models
@@ -94,6 +95,7 @@ def test_an_imported_fleet_is_exported_as_it_was_read_and_imports_again_unchange
         ),
         ("backends:\n  - name: a\n", "backends, item 1: `url` is missing."),
         ("backends:\n  - name: a\n    url: ftp://a\n", "backends, item 1: url must be an http:// or https:// address"),
+        ("backends:\n  - name: GPU 2\n    url: http://a:1\n", "backends, item 1: a backend's name is 1 to 64 lowercase letters"),
         (
             "backends:\n  - {name: a, url: 'http://a:1'}\n  - {name: a, url: 'http://b:1'}\n",
             "backends, item 2: the name a is used twice.",
@@ -131,5 +133,6 @@ def test_a_dry_run_reports_and_writes_nothing(tmp_path: Path) -> None:
     source = tmp_path / "fleet.yaml"
     source.write_text(FLEET)
     report = run("import_fleet", str(source), "--dry-run")
-    assert "Would import (dry run, nothing written): 2 backends added" in report
+    # The default backend is TABBY_HOST's own, made from the settings: a file never adds it.
+    assert "Would import (dry run, nothing written): 1 backend added, 0 updated" in report
     assert state() == ([], {}, 0)
