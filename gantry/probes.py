@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -50,7 +49,8 @@ async def _channel_layer_round_trip() -> None:
     layer = get_channel_layer()
     if layer is None:
         raise NotReady("No channel layer is configured.")
-    channel = f"readyz.{secrets.token_hex(8)}"
+    # The channel exists before the send: Redis's publish/subscribe layer delivers only to listeners.
+    channel = await layer.new_channel("readyz.")
     await layer.send(channel, {"type": "readyz"})
     await layer.receive(channel)
 
