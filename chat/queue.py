@@ -17,10 +17,10 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 
-from chat.balance import can_answer, default_model, pick
+from chat.balance import can_answer, default_model, model_for, pick
 from chat.generation import Claimed, claim, generate, requeue
 from chat.models import ANSWER_HEARTBEAT_SECONDS, Message
 from gantry.background import spawn
@@ -111,21 +111,27 @@ def release_here() -> set[int]:
 
 
 def claim_next() -> Claimed | None:
-    """Claim the oldest message that may be answered now, if a backend holding its model is ready with a
-    free slot (the model: the fleet's default, for every message today)."""
-    model = default_model()
-    if not can_answer(model):
+    """Claim the oldest message that may be answered now: a backend holding its conversation's model
+    (picked, or the fleet's default) is ready with a free slot. Messages for other models stay held."""
+    models = {model_for(picked) for picked in waiting().values_list("conversation__model_name", flat=True).distinct()}
+    if not any(can_answer(model) for model in models):
         return None  # checked again below, under the lock; not so "none can"
     with transaction.atomic():
         default_backend(locked=True)  # one claimer at a time across processes
-        backend = pick(default_model())
-        if backend is None:
-            return None
+        default = default_model()
+        backends: dict[str, Backend | None] = {}
         busy = _busy()
-        for message in waiting().order_by("created", "id")[: settings.GANTRY_MAX_CONCURRENT_GENERATIONS + 50]:
+        queued = waiting().order_by("created", "id").annotate(picked=F("conversation__model_name"))
+        for message in queued[: settings.GANTRY_MAX_CONCURRENT_GENERATIONS + 50]:
             # One answer at a time per conversation: a later question needs the earlier answer as context.
             if message.conversation_id in busy:
                 continue
+            model = message.picked or default
+            if model not in backends:
+                backends[model] = pick(model)
+            backend = backends[model]
+            if backend is None:
+                continue  # held until a backend holding its model is ready
             # A queued message's `updated` is when it was (last) queued: sent, queued again after an
             # interruption, or sent again with Retry. Claiming it sets `updated` to the release time.
             queued_at = message.updated
