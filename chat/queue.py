@@ -44,12 +44,17 @@ def admit(conversation_id: int, model: str) -> Backend | None:
     """For a new message for `model`, under the claim lock (`default_backend(locked=True)`): refuse it
     when the queue or its author's share of it is full; else the backend that answers it at once (one
     holding the model is ready with a free slot, its conversation has no answer under way, and nothing
-    waits ahead of it), or None: it is queued."""
+    for the same model waits ahead of it), or None: it is queued."""
     waiting, _, here, mine = Message.objects.counts_for_new_message(conversation_id)
     _refuse_when_full(waiting, mine)
-    if here or waiting:
+    if here or (waiting and model in waiting_models()):
         return None
     return pick(model)
+
+
+def waiting_models() -> set[str]:
+    """The models the queued messages wait for (messages for other models are not held behind them)."""
+    return {model_for(picked) for picked in waiting().values_list("conversation__model_name", flat=True).distinct()}
 
 
 def check_room(conversation_id: int) -> None:
@@ -113,8 +118,7 @@ def release_here() -> set[int]:
 def claim_next() -> Claimed | None:
     """Claim the oldest message that may be answered now: a backend holding its conversation's model
     (picked, or the fleet's default) is ready with a free slot. Messages for other models stay held."""
-    models = {model_for(picked) for picked in waiting().values_list("conversation__model_name", flat=True).distinct()}
-    if not any(can_answer(model) for model in models):
+    if not any(can_answer(model) for model in waiting_models()):
         return None  # checked again below, under the lock; not so "none can"
     with transaction.atomic():
         default_backend(locked=True)  # one claimer at a time across processes

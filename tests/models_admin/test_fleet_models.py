@@ -103,8 +103,10 @@ async def test_a_message_for_a_model_nobody_serves_waits_and_is_answered_once_a_
             greeting = (await receive_until(page, lambda e: e["type"] == "chat.models"))[-1]
             assert (greeting["default"], greeting["served"], greeting["loading"]) == (TINY, [TINY], [])
             held = post(member, small["id"], "Waiting for the small model")
-            # Messages for the other model are not held behind it.
-            other = post(member, plain["id"], "Not waiting")["id"]
+            # Messages for the other model are not held behind it: answered at once, as they are saved.
+            sent = post(member, plain["id"], "Not waiting")
+            assert sent["status"] == "generating", sent
+            other = sent["id"]
             assert answers(site, [other])[other][1] == TINY
             await asyncio.sleep(1)
             state = query(site, "SELECT status FROM chat_message WHERE id = ?", held["id"])
