@@ -54,7 +54,11 @@ def admit(conversation_id: int, model: str) -> Backend | None:
 
 def waiting_models() -> set[str]:
     """The models the queued messages wait for (messages for other models are not held behind them)."""
-    return {model_for(picked) for picked in waiting().values_list("conversation__model_name", flat=True).distinct()}
+    # Without the messages' ordering, DISTINCT gives one row per picked model, not one per message; and the
+    # default model is looked up once, not once a row: both run under the claim lock for each new message.
+    picked = set(waiting().order_by().values_list("conversation__model_name", flat=True).distinct())
+    default = model_for("") if "" in picked else ""
+    return {name or default for name in picked}
 
 
 def check_room(conversation_id: int) -> None:
