@@ -82,10 +82,13 @@ def _refuse_when_full(waiting: int, mine: int) -> None:
         )
 
 
-def position(message: Message) -> int:
-    """1 for the next message to be answered."""
+def position(message: Message, model: str) -> int:
+    """1 for the next message to be answered; only messages waiting for the same model (`model`, the
+    message's) count."""
     ahead = waiting().filter(Q(created__lt=message.created) | Q(created=message.created, pk__lt=message.pk))
-    return int(ahead.count()) + 1
+    default = default_model()
+    same = Q(conversation__model_name=model) | (Q(conversation__model_name="") if model == default else Q(pk__in=[]))
+    return int(ahead.filter(same).count()) + 1
 
 
 def wake() -> None:
@@ -173,8 +176,13 @@ def schedule_positions() -> None:
 
 
 def announce_positions() -> None:
-    queued = waiting().order_by("created", "id").values_list("id", "conversation_id")
-    for place, (message_id, conversation_id) in enumerate(queued, start=1):
+    """Tell every queued message its place among those waiting for the same model."""
+    default = default_model()
+    places: dict[str, int] = {}
+    queued = waiting().order_by("created", "id").values_list("id", "conversation_id", "conversation__model_name")
+    for message_id, conversation_id, picked in queued:
+        model = picked or default
+        places[model] = place = places.get(model, 0) + 1
         broadcast(conversation_group(conversation_id), QueuedEvent(type="chat.queued", message_id=message_id, position=place))
 
 

@@ -189,9 +189,10 @@ def _hold(message: Message) -> None:
     """A message that could not be answered at once: the queue releases it in its turn."""
     transaction.on_commit(partial(_start_or_hold, message))  # at once, unless a caller's transaction is open
     # A backend may have become ready meanwhile (its release then took this message).
-    if not can_answer(conversation_model(message.conversation_id)):
+    model = conversation_model(message.conversation_id)
+    if not can_answer(model):
         # Held: tell the author where the message stands (the release updates it as the queue moves).
-        event = QueuedEvent(type="chat.queued", message_id=message.pk, position=position(message))
+        event = QueuedEvent(type="chat.queued", message_id=message.pk, position=position(message, model))
         broadcast(conversation_group(message.conversation_id), event)
         # While it waits, the watchers check TabbyAPI every second (a model may be loaded on it directly).
 

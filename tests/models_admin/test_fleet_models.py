@@ -103,6 +103,8 @@ async def test_a_message_for_a_model_nobody_serves_waits_and_is_answered_once_a_
             greeting = (await receive_until(page, lambda e: e["type"] == "chat.models"))[-1]
             assert (greeting["default"], greeting["served"], greeting["loading"]) == (TINY, [TINY], [])
             held = post(member, small["id"], "Waiting for the small model")
+            queued = await receive_until(page, lambda e: e["type"] == "chat.queued" and e["message_id"] == held["id"])
+            assert queued[-1]["position"] == 1  # first among the messages waiting for the small model
             # Messages for the other model are not held behind it: answered at once, as they are saved.
             sent = post(member, plain["id"], "Not waiting")
             assert sent["status"] == "generating", sent
