@@ -26,6 +26,7 @@ from chat.serializers import ConversationSerializer, MessageSerializer
 from gantry import origins
 
 TITLE_EXAMPLE = '{"title": "Trip plans"}'
+MODEL_EXAMPLE = '{"model": "Tiny-Chat-5M"} (or null: the default model)'
 LOGIN_EXAMPLE = '{"username": "...", "password": "..."}'
 
 
@@ -71,7 +72,8 @@ class ConversationList(ChatAPIView):
 
     def post(self, request: Request) -> Response:
         try:
-            conversation = services.create_conversation(request.user, field(request, "title", TITLE_EXAMPLE, default=""))
+            title, model = field(request, "title", TITLE_EXAMPLE, default=""), field(request, "model", TITLE_EXAMPLE)
+            conversation = services.create_conversation(request.user, title, model)
         except ValidationError as exc:
             return refused(exc)
         return Response(ConversationSerializer(conversation).data, status=status.HTTP_201_CREATED)
@@ -84,7 +86,11 @@ class ConversationDetail(ChatAPIView):
     def patch(self, request: Request, conversation_id: int) -> Response:
         conversation = self.conversation(request, conversation_id)
         try:
-            services.rename_conversation(conversation, field(request, "title", TITLE_EXAMPLE, default=""))
+            picks_model = isinstance(request.data, dict) and "model" in request.data
+            if picks_model:
+                services.pick_model(conversation, field(request, "model", MODEL_EXAMPLE))
+            if not picks_model or "title" in request.data:
+                services.rename_conversation(conversation, field(request, "title", TITLE_EXAMPLE, default=""))
         except ValidationError as exc:
             return refused(exc)
         return Response(ConversationSerializer(conversation).data)

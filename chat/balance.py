@@ -2,8 +2,8 @@
 the fewest running answers (among equals, the one that waited longest), each within its own bound
 (GANTRY_MAX_CONCURRENT_GENERATIONS). With none, the message is held, as with a single backend.
 
-Chat follows the fleet's default model (what the default backend serves, or should serve); `model` is a
-parameter everywhere so that a conversation may later ask for another.
+A conversation follows the fleet's default model (what the default backend serves, or should serve),
+unless its user picked another (`Conversation.model_name`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from django.conf import settings
 from django.db.models import Count, F
 from django.utils import timezone
 
-from chat.models import Message
+from chat.models import Conversation, Message
 from models_admin.models import Backend
 from models_admin.services import default_backend
 
@@ -22,6 +22,17 @@ def default_model() -> str:
     or while its server is away, the other backends holding that model keep answering)."""
     backend = default_backend()
     return backend.active_model if backend.is_ready else backend.desired_model
+
+
+def model_for(picked: str) -> str:
+    """The model answering a conversation that picked `picked` ("" follows the default)."""
+    return picked or default_model()
+
+
+def conversation_model(conversation_id: int) -> str:
+    """The model answering a conversation now ("" when it no longer exists, or no model is known)."""
+    picked = Conversation.objects.filter(pk=conversation_id).values_list("model_name", flat=True).first()
+    return model_for(picked or "")
 
 
 def serving(model: str) -> list[Backend]:

@@ -12,7 +12,7 @@ from chat.models import Conversation
 from gantry.broadcast import CHAT_GROUP, RefusedEvent, SentEvent, conversation_group, user_group
 from gantry.serving import in_web_thread
 from gantry.sockets import SESSION_ENDED, SESSION_GONE, EventConsumer, session_holds
-from models_admin.services import chat_state
+from models_admin.services import chat_state, served_models
 
 MALFORMED = 'Send JSON objects like {"type": "chat.send", "content": "Hello", "ref": 1}.'
 
@@ -32,6 +32,7 @@ class ChatConsumer(EventConsumer):
             "chat.done",
             "chat.error",
             "chat.conversation",
+            "chat.models",
             "model.state",
             "model.progress",
             "model.list",
@@ -53,6 +54,7 @@ class ChatConsumer(EventConsumer):
 
     async def greet(self) -> None:
         await self.send_json({"type": "model.state", **await database_sync_to_async(chat_state)()})
+        await self.send_json({"type": "chat.models", **await database_sync_to_async(served_models)()})
 
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         # Sent here rather than POSTed, a message's answer starts sooner: no HTTP request to parse, no

@@ -18,6 +18,8 @@ class ConversationQuerySet(models.QuerySet):
 class Conversation(models.Model):
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations")
     title = models.CharField(max_length=200, default="New conversation")
+    # The model its user picked; blank: it follows the fleet's default model.
+    model_name = models.CharField(max_length=200, blank=True, default="")
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
 
@@ -30,7 +32,13 @@ class Conversation(models.Model):
         return self.title
 
     def as_event(self) -> dict[str, Any]:
-        return {"id": self.pk, "title": self.title, "created": self.created.isoformat(), "updated": self.updated.isoformat()}
+        return {
+            "id": self.pk,
+            "title": self.title,
+            "model": self.model_name or None,
+            "created": self.created.isoformat(),
+            "updated": self.updated.isoformat(),
+        }
 
 
 # An answer being generated saves at least this often; one silent for longer lost its process.

@@ -17,10 +17,10 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 
-from chat.balance import can_answer, default_model, pick
+from chat.balance import can_answer, default_model, model_for, pick
 from chat.generation import Claimed, claim, generate, requeue
 from chat.models import ANSWER_HEARTBEAT_SECONDS, Message
 from gantry.background import spawn
@@ -44,12 +44,21 @@ def admit(conversation_id: int, model: str) -> Backend | None:
     """For a new message for `model`, under the claim lock (`default_backend(locked=True)`): refuse it
     when the queue or its author's share of it is full; else the backend that answers it at once (one
     holding the model is ready with a free slot, its conversation has no answer under way, and nothing
-    waits ahead of it), or None: it is queued."""
+    for the same model waits ahead of it), or None: it is queued."""
     waiting, _, here, mine = Message.objects.counts_for_new_message(conversation_id)
     _refuse_when_full(waiting, mine)
-    if here or waiting:
+    if here or (waiting and model in waiting_models()):
         return None
     return pick(model)
+
+
+def waiting_models() -> set[str]:
+    """The models the queued messages wait for (messages for other models are not held behind them)."""
+    # Without the messages' ordering, DISTINCT gives one row per picked model, not one per message; and the
+    # default model is looked up once, not once a row: both run under the claim lock for each new message.
+    picked = set(waiting().order_by().values_list("conversation__model_name", flat=True).distinct())
+    default = model_for("") if "" in picked else ""
+    return {name or default for name in picked}
 
 
 def check_room(conversation_id: int) -> None:
@@ -73,10 +82,13 @@ def _refuse_when_full(waiting: int, mine: int) -> None:
         )
 
 
-def position(message: Message) -> int:
-    """1 for the next message to be answered."""
+def position(message: Message, model: str) -> int:
+    """1 for the next message to be answered; only messages waiting for the same model (`model`, the
+    message's) count."""
     ahead = waiting().filter(Q(created__lt=message.created) | Q(created=message.created, pk__lt=message.pk))
-    return int(ahead.count()) + 1
+    default = default_model()
+    same = Q(conversation__model_name=model) | (Q(conversation__model_name="") if model == default else Q(pk__in=[]))
+    return int(ahead.filter(same).count()) + 1
 
 
 def wake() -> None:
@@ -111,21 +123,26 @@ def release_here() -> set[int]:
 
 
 def claim_next() -> Claimed | None:
-    """Claim the oldest message that may be answered now, if a backend holding its model is ready with a
-    free slot (the model: the fleet's default, for every message today)."""
-    model = default_model()
-    if not can_answer(model):
+    """Claim the oldest message that may be answered now: a backend holding its conversation's model
+    (picked, or the fleet's default) is ready with a free slot. Messages for other models stay held."""
+    if not any(can_answer(model) for model in waiting_models()):
         return None  # checked again below, under the lock; not so "none can"
     with transaction.atomic():
         default_backend(locked=True)  # one claimer at a time across processes
-        backend = pick(default_model())
-        if backend is None:
-            return None
+        default = default_model()
+        backends: dict[str, Backend | None] = {}
         busy = _busy()
-        for message in waiting().order_by("created", "id")[: settings.GANTRY_MAX_CONCURRENT_GENERATIONS + 50]:
+        queued = waiting().order_by("created", "id").annotate(picked=F("conversation__model_name"))
+        for message in queued[: settings.GANTRY_MAX_CONCURRENT_GENERATIONS + 50]:
             # One answer at a time per conversation: a later question needs the earlier answer as context.
             if message.conversation_id in busy:
                 continue
+            model = message.picked or default
+            if model not in backends:
+                backends[model] = pick(model)
+            backend = backends[model]
+            if backend is None:
+                continue  # held until a backend holding its model is ready
             # A queued message's `updated` is when it was (last) queued: sent, queued again after an
             # interruption, or sent again with Retry. Claiming it sets `updated` to the release time.
             queued_at = message.updated
@@ -159,8 +176,13 @@ def schedule_positions() -> None:
 
 
 def announce_positions() -> None:
-    queued = waiting().order_by("created", "id").values_list("id", "conversation_id")
-    for place, (message_id, conversation_id) in enumerate(queued, start=1):
+    """Tell every queued message its place among those waiting for the same model."""
+    default = default_model()
+    places: dict[str, int] = {}
+    queued = waiting().order_by("created", "id").values_list("id", "conversation_id", "conversation__model_name")
+    for message_id, conversation_id, picked in queued:
+        model = picked or default
+        places[model] = place = places.get(model, 0) + 1
         broadcast(conversation_group(conversation_id), QueuedEvent(type="chat.queued", message_id=message_id, position=place))
 
 

@@ -6,10 +6,16 @@ from chat.models import Conversation
 
 
 class ConversationSerializer(serializers.ModelSerializer):
+    # The model its user picked; null: it follows the fleet's default model.
+    model = serializers.SerializerMethodField()
+
     class Meta:
         model = Conversation
-        fields = ["id", "title", "created", "updated"]
+        fields = ["id", "title", "model", "created", "updated"]
         read_only_fields = ["id", "created", "updated"]
+
+    def get_model(self, conversation: Conversation) -> str | None:
+        return conversation.model_name or None
 
 
 class MessageSerializer(serializers.Serializer):

@@ -14,7 +14,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from chat.balance import can_answer, default_model
+from chat.balance import can_answer, conversation_model
 from chat.generation import Answer, Claimed, EarlyRequest, answer_row, cancel_here, generate, history
 from chat.models import Conversation, Message
 from chat.queue import admit, check_room, position, release_here, schedule_positions, wake
@@ -22,7 +22,7 @@ from gantry.background import spawn
 from gantry.broadcast import ConversationEvent, MessageEvent, QueuedEvent, broadcast, conversation_group, user_group
 from gantry.parsers import is_storable
 from models_admin.models import Backend
-from models_admin.services import default_backend
+from models_admin.services import default_backend, known_model
 
 
 def _send_message(message: Message) -> None:
@@ -61,8 +61,21 @@ def _title(title: object, default: str | None) -> str:
 # Conversations
 
 
-def create_conversation(user: Any, title: object = "") -> Conversation:
-    conversation = Conversation.objects.create(owner=user, title=_title(title, default="New conversation"))
+def _model(model: object) -> str:
+    """A model picked for a conversation: None or "" follows the default; a model no backend ever listed
+    is refused (one listed but served by none now is kept: its messages wait, "Model not available")."""
+    if model is None:
+        return ""
+    if not isinstance(model, str):
+        raise ValidationError("A conversation's model is the name of a model, like \"Tiny-Chat-5M\", or null for the default model.")
+    model = model.strip()
+    if model and not known_model(model):
+        raise ValidationError(f"There is no model named {model[:200]}. Pick one of the models the chat page lists.")
+    return model
+
+
+def create_conversation(user: Any, title: object = "", model: object = None) -> Conversation:
+    conversation = Conversation.objects.create(owner=user, title=_title(title, default="New conversation"), model_name=_model(model))
     broadcast(user_group(user.pk), ConversationEvent(type="chat.conversation", conversation=conversation.as_event(), deleted=False))
     return conversation
 
@@ -75,6 +88,18 @@ def rename_conversation(conversation: Conversation, title: object) -> Conversati
         raise ValidationError("This conversation was deleted.")
     event = ConversationEvent(type="chat.conversation", conversation=conversation.as_event(), deleted=False)
     broadcast(user_group(conversation.owner_id), event)
+    return conversation
+
+
+def pick_model(conversation: Conversation, model: object) -> Conversation:
+    """The model answering a conversation from now on (None or "": the fleet's default, whichever it is)."""
+    conversation.model_name = _model(model)
+    conversation.updated = timezone.now()
+    if not Conversation.objects.filter(pk=conversation.pk).update(model_name=conversation.model_name, updated=conversation.updated):
+        raise ValidationError("This conversation was deleted.")
+    event = ConversationEvent(type="chat.conversation", conversation=conversation.as_event(), deleted=False)
+    broadcast(user_group(conversation.owner_id), event)
+    wake()  # its held messages may now have a backend
     return conversation
 
 
@@ -140,7 +165,7 @@ def _save_question(
     claim; otherwise the queue's order decides, after the commit). With `early`, the answer's request
     goes out first: only what it needs is read before it."""
     default_backend(locked=True)  # the claim lock
-    backend = admit(conversation_id, default_model())
+    backend = admit(conversation_id, conversation_model(conversation_id))
     answer_now = backend is not None
     if backend is not None and early is not None:
         early.send(history(conversation_id, content, model=backend.active_model), then=wake, backend=backend)
@@ -164,9 +189,10 @@ def _hold(message: Message) -> None:
     """A message that could not be answered at once: the queue releases it in its turn."""
     transaction.on_commit(partial(_start_or_hold, message))  # at once, unless a caller's transaction is open
     # A backend may have become ready meanwhile (its release then took this message).
-    if not can_answer(default_model()):
+    model = conversation_model(message.conversation_id)
+    if not can_answer(model):
         # Held: tell the author where the message stands (the release updates it as the queue moves).
-        event = QueuedEvent(type="chat.queued", message_id=message.pk, position=position(message))
+        event = QueuedEvent(type="chat.queued", message_id=message.pk, position=position(message, model))
         broadcast(conversation_group(message.conversation_id), event)
         # While it waits, the watchers check TabbyAPI every second (a model may be loaded on it directly).
 

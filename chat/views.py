@@ -13,7 +13,7 @@ from chat.accounts import MAX_USERNAME, LoginRefused, log_in
 from chat.models import Conversation
 from gantry import origins
 from gantry.parsers import is_storable
-from models_admin.services import chat_state, check_if_stale, default_backend
+from models_admin.services import chat_state, check_if_stale, default_backend, served_models
 
 
 def login_page(request: HttpRequest) -> HttpResponse:
@@ -51,5 +51,5 @@ def chat_page(request: HttpRequest, conversation_id: int | None = None) -> HttpR
     return render(
         request,
         "chat/chat.html",
-        {"conversations": conversations, "current": current, "model": chat_state(backend)},
+        {"conversations": conversations, "current": current, "model": chat_state(backend), "models": served_models()},
     )

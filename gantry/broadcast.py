@@ -126,6 +126,16 @@ class BackendStateEvent(TypedDict):
     backend: dict[str, Any]
 
 
+class ChatModelsEvent(TypedDict):
+    """To chat pages, for the model picker: the models served now (the default first), those being
+    loaded, and the fleet's default model."""
+
+    type: Literal["chat.models"]
+    default: str | None
+    served: list[str]
+    loading: list[str]
+
+
 class SessionEndedEvent(TypedDict):
     """To a user's sockets, not forwarded to pages: a session ended (`session_key`; None: every session of
     the user, after a password change, a deactivation or a deletion). Those sockets close."""
@@ -145,6 +155,7 @@ Event = (
     | ModelProgressEvent
     | ModelListEvent
     | BackendStateEvent
+    | ChatModelsEvent
     | SessionEndedEvent
 )
 

@@ -18,7 +18,15 @@ from django.db.models import OuterRef, Q, Subquery
 from django.utils import timezone
 
 from gantry.background import in_thread
-from gantry.broadcast import CHAT_GROUP, MODELS_GROUP, BackendStateEvent, ModelListEvent, ModelStateEvent, broadcast
+from gantry.broadcast import (
+    CHAT_GROUP,
+    MODELS_GROUP,
+    BackendStateEvent,
+    ChatModelsEvent,
+    ModelListEvent,
+    ModelStateEvent,
+    broadcast,
+)
 from models_admin.clients import admin_client
 from models_admin.models import DEFAULT_BACKEND, Backend, LanguageModel, Operation
 from models_admin.signals import model_ready, model_unavailable, running_answers
@@ -277,8 +285,10 @@ def announce_state(backend: Backend) -> None:
     if backend.is_default:
         broadcast(MODELS_GROUP, ModelStateEvent(type="model.state", **backend_event(backend)))  # type: ignore[typeddict-item]
     elif Backend.objects.count() < 2:
+        broadcast(CHAT_GROUP, ChatModelsEvent(type="chat.models", **served_models()))  # type: ignore[typeddict-item]
         return
     broadcast(CHAT_GROUP, ModelStateEvent(type="model.state", **chat_state(backend if backend.is_default else None)))  # type: ignore[typeddict-item]
+    broadcast(CHAT_GROUP, ChatModelsEvent(type="chat.models", **served_models()))  # type: ignore[typeddict-item]
 
 
 def backend_event(backend: Backend | None = None) -> dict[str, Any]:
@@ -303,3 +313,21 @@ def chat_state(default: Backend | None = None) -> dict[str, Any]:
     if default.is_ready:
         return {**event, "state": Backend.State.DRAINING}  # drained, and nobody else answers: "Model not available"
     return event
+
+
+def served_models() -> dict[str, Any]:
+    """The chat page's model picker (without `type`): `served`, the models a ready backend in rotation
+    holds, the default first; `loading`, those a backend is loading; `default`, the fleet's default model
+    (the default backend's, or the one it should hold)."""
+    default = default_backend()
+    default_model = default.active_model if default.is_ready else default.desired_model
+    ready = Backend.objects.filter(state=Backend.State.READY, in_rotation=True).exclude(active_model="")
+    served = sorted(set(ready.values_list("active_model", flat=True)), key=lambda name: (name != default_model, name))
+    loading = set(Backend.objects.filter(state=Backend.State.SWITCHING).exclude(target_model="").values_list("target_model", flat=True))
+    loading |= set(Backend.objects.exclude(abandoned_load="").values_list("abandoned_load", flat=True))
+    return {"default": default_model or None, "served": served, "loading": sorted(loading - set(served))}
+
+
+def known_model(name: str) -> bool:
+    """Whether any backend ever listed a model of this name."""
+    return LanguageModel.objects.filter(name=name).exists()

@@ -124,6 +124,8 @@ def test_with_trust_proxy_headers_the_forwarded_scheme_is_the_pages(trusting: Si
         with page_socket(trusting, client, https_origin(trusting), **tls) as socket:
             socket.send(json.dumps({"type": "chat.send", "ref": 1, "content": "Hello"}))
             reply = json.loads(socket.recv(timeout=30))
+            while reply["type"] == "chat.models":  # the greeting's second event: the model picker's list
+                reply = json.loads(socket.recv(timeout=30))
         plain_socket = refused_socket(trusting, client, trusting.url, **tls)
     assert written.status_code == 201
     assert downgraded.status_code == 403

@@ -152,11 +152,65 @@
       case "chat.refused": settle(event.ref, null, event.detail); break;
       case "chat.conversation": drawConversation(event.conversation, event.deleted); break;
       case "model.state": drawModel(event); break;
+      case "chat.models": drawFleet(event); break;
       case "model.progress": drawProgress(event); break;
     }
   }
 
   let modelState = JSON.parse(document.getElementById("model-state").textContent);
+  // The model picker: the models served now, the default first ("" follows the default, whichever it
+  // is). A conversation that picked another model is answered by a backend holding it; while none
+  // does, its messages are held and the banner says whether that model is being loaded.
+  const picker = document.getElementById("model-picker");
+  let picked = picker.dataset.picked || "";
+  let fleet = JSON.parse(document.getElementById("served-models").textContent);
+  function drawPicker() {
+    picker.textContent = "";
+    const add = (value, label) => {
+      const option = document.createElement("option");
+      option.value = value;
+      option.textContent = label;
+      picker.appendChild(option);
+    };
+    add("", fleet.default ? fleet.default + " (default)" : "Default model");
+    const others = fleet.served.filter((name) => name !== fleet.default);
+    others.forEach((name) => add(name, name));
+    if (picked && !others.includes(picked)) {
+      const served = fleet.served.includes(picked);
+      add(picked, picked + (served ? "" : fleet.loading.includes(picked) ? " (loading)" : " (not available)"));
+    }
+    picker.value = picked;
+  }
+  function drawPicked() {
+    modelName.textContent = picked;
+    if (fleet.served.includes(picked)) {
+      banner.hidden = true;
+      return;
+    }
+    const loading = fleet.loading.includes(picked);
+    banner.textContent = loading ? "Model loading... (Loading " + picked + ")" : "Model not available";
+    banner.className = loading ? "banner loading" : "banner unavailable";
+    banner.hidden = false;
+  }
+  function drawFleet(models) {
+    fleet = models;
+    drawPicker();
+    drawModel(modelState);
+  }
+  function drawPick(model) {
+    picked = model || "";
+    drawFleet(fleet);
+  }
+  picker.addEventListener("change", async () => {
+    const value = picker.value;
+    if (!conversationId) { drawPick(value); return; } // the conversation is created with it
+    try {
+      drawPick((await api("PATCH", "/api/conversations/" + conversationId + "/", { model: value || null })).model);
+    } catch (error) {
+      showComposerError(error.message);
+      drawPicker();
+    }
+  });
   // The banner: "Model loading... (Loading X, 63%)" during a switch, "Model server unreachable" when
   // TabbyAPI does not answer, "Model not available" when nothing is loaded; messages sent meanwhile are
   // held and answered when the model is ready.
@@ -164,6 +218,7 @@
   function drawModel(state) {
     if (state.state !== "switching") loadingPercent = null;
     modelState = state;
+    if (picked) { drawPicked(); return; }
     modelName.textContent = state.active_model || "No model loaded";
     if (state.state === "switching") {
       const detail = state.target_model
@@ -196,6 +251,7 @@
   }
 
   function drawConversation(conversation, deleted) {
+    if (!deleted && conversation.id === conversationId && "model" in conversation) drawPick(conversation.model);
     let item = sidebar.querySelector('[data-id="' + conversation.id + '"]');
     if (deleted) {
       if (item) item.remove();
@@ -294,7 +350,7 @@
     showComposerError("");
     try {
       if (!conversationId) {
-        const conversation = await api("POST", "/api/conversations/", {});
+        const conversation = await api("POST", "/api/conversations/", { model: picked || null });
         conversationId = conversation.id;
         history.replaceState(null, "", "/c/" + conversationId + "/");
         main.dataset.conversationId = conversationId;
@@ -324,7 +380,7 @@
   });
   stopButton.addEventListener("click", () => { const q = runningQuestion(); if (q) act("stop", q.id); });
 
-  drawModel(modelState);
+  drawFleet(fleet);
   connect();
   loadHistory().catch((error) => showComposerError(error.message));
   input.focus();
