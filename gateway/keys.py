@@ -41,7 +41,7 @@ def checked_name(name: object) -> str:
         raise ValidationError("This name has a character that cannot be stored (a NUL character or half of a surrogate pair).")
     name = " ".join(name.split())
     if not name:
-        raise ValidationError("Give the key a name, to tell it apart from your other keys (\"laptop\", \"notebook server\").")
+        raise ValidationError('Give the key a name, to tell it apart from your other keys ("laptop", "notebook server").')
     if len(name) > NAME_LIMIT:
         raise ValidationError(f"This name has {len(name):,} characters; the limit is {NAME_LIMIT}.")
     return name

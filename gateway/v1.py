@@ -25,8 +25,7 @@ NO_KEY = (
     "(make one on the API keys page of your profile)."
 )
 WRONG_KEY = (
-    "This API key is not valid: it was revoked, mistyped, or its account is deactivated. "
-    "Make a new one on the API keys page."
+    "This API key is not valid: it was revoked, mistyped, or its account is deactivated. Make a new one on the API keys page."
 )
 CUT_OFF = "The answer was cut off by a model switch after it had begun. Send the request again."
 
