@@ -30,6 +30,7 @@ from gantry.background import spawn
 from gantry.broadcast import CHAT_GROUP, conversation_group
 from gantry.serving import in_web_thread
 from gateway.openai_input import ApiError, Asked
+from models_admin.services import chat_state
 
 COMMENT_EVERY = 5.0  # seconds: a held request hears where it stands at least this often
 RETRY_AFTER = 30  # seconds, said to a request refused for waiting too long
@@ -91,7 +92,7 @@ def waiting_text(progress: dict[str, Any] | None, state: dict[str, Any] | None, 
     if progress is not None and progress.get("step") not in ("done", "failed"):
         model, percent, step = progress.get("model") or "the model", float(progress.get("percent") or 0), progress.get("step")
         what = f"loading {model} {percent:.0f}%" if step == "loading" else f"switching to {model} ({step}) {percent:.0f}%"
-    elif state is not None and state.get("state") == "unreachable":
+    elif state is not None and "unreachable" in (state.get("state"), state.get("trouble")):
         what = "waiting for the model server, which cannot be reached"
     elif state is not None and state.get("state") == "unloaded":
         what = "waiting for a model to be loaded"
@@ -136,6 +137,8 @@ class Exchange:
             raise ApiError(429, " ".join(exc.messages), kind="rate_limit_error", code="queue_full") from None
         self.question_id = question.pk
         self.started = question.status == Message.Status.GENERATING
+        if not self.started:
+            self.state = await in_web_thread(chat_state)  # what it waits for, until the next change says
         self.held_since = time.monotonic()
 
     def close(self) -> None:
