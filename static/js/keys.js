@@ -15,8 +15,12 @@
     error.textContent = text;
     error.hidden = !text;
   }
+  // As the server writes dates on this page: "Dec 3, 2026 07:22".
   function when(iso) {
-    return new Date(iso).toLocaleString(undefined, { month: "short", day: "numeric", year: "numeric", hour: "2-digit", minute: "2-digit" });
+    const d = new Date(iso);
+    const pad = (n) => String(n).padStart(2, "0");
+    const month = d.toLocaleString("en", { month: "short" });
+    return month + " " + d.getDate() + ", " + d.getFullYear() + " " + pad(d.getHours()) + ":" + pad(d.getMinutes());
   }
   function cell(row, text, className) {
     const td = row.insertCell();
