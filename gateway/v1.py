@@ -5,6 +5,7 @@ streaming its answer holds no thread; a caller who goes away cancels the view, w
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -125,7 +126,11 @@ def sse(payload: Any) -> bytes:
 
 async def answer(user: Any, asked: Asked) -> HttpResponseBase:
     exchange = Exchange(user, asked)
-    await exchange.open()  # 429 when the queue is full, before any answer starts
+    try:
+        await exchange.open()  # 429 when the queue is full, before any answer starts
+    except asyncio.CancelledError:
+        exchange.close()  # the caller went away while the request was being queued
+        raise
     shape = Shape(asked, exchange)
     if asked.stream:
         response = StreamingHttpResponse(streamed(exchange, shape), content_type="text/event-stream")
