@@ -129,3 +129,15 @@ def test_the_queue_caps_bound_api_requests(servers: tuple[TabbyServer, Site, Sit
     assert refused.status_code == 429, refused.text
     error = refused.json()["error"]
     assert error["code"] == "queue_full" and error["type"] == "rate_limit_error" and "the limit is 1" in error["message"]
+
+
+def test_a_held_request_whose_caller_goes_away_leaves_the_queue(servers: tuple[TabbyServer, Site, Site]) -> None:
+    _, _, strict_site = servers
+    key = make_key(strict_site, MEMBER, "impatient")[1]
+    headers = {"Authorization": f"Bearer {key}"}
+    waiting = "SELECT m.id FROM chat_message m JOIN chat_conversation c ON c.id = m.conversation_id WHERE c.source = 'api'"
+    with httpx.stream("POST", strict_site.url + "/v1/chat/completions", json={**ASK, "stream": True}, headers=headers) as r:
+        assert r.status_code == 200
+        assert next(line for line in r.iter_lines() if line).startswith(": waiting for the model server")
+        assert len(query(strict_site, waiting)) == 1
+    wait_until(lambda: not query(strict_site, waiting), 1.5, "the request to leave the queue once its caller went away")
