@@ -14,23 +14,20 @@ import logging
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from django.conf import settings
 from django.db import transaction
-from django.db.models import Subquery
 from django.utils import timezone
 
 from chat.balance import others_for
 from chat.models import Message
+from chat.prompts import asked, history
 from chat.streaming import Pace, Prompt, Stopped, opened, relay, too_long
 from gantry.background import spawn
 from gantry.broadcast import DoneEvent, ErrorEvent, Event, MessageEvent, abroadcast, broadcast, conversation_group
-from models_admin.models import Backend, ModelSettings
+from models_admin.models import Backend
 from models_admin.services import check_backend, note_nothing_loaded, record_trouble, request_check
-from models_admin.settings_fields import chat_defaults
 from models_admin.tabby_errors import BackendError, BackendUnavailable, GenerationFailed, NoModelLoaded
 
 log = logging.getLogger(__name__)
@@ -76,7 +73,10 @@ def claim(question: Message, backend: Backend) -> Claimed | None:
     if not queued.update(status=Message.Status.GENERATING, updated=now, backend=backend):
         return None
     question.status, question.updated, question.backend = Message.Status.GENERATING, now, backend
-    turns = history(question.conversation_id, question.content, before=question.created, model=backend.active_model)
+    if question.request is not None:
+        turns = asked(question.request, backend.active_model)
+    else:
+        turns = history(question.conversation_id, question.content, before=question.created, model=backend.active_model)
     return Claimed(Answer(question, answer_row(question)), backend, turns)
 
 
@@ -91,21 +91,6 @@ def answer_row(question: Message, answered_before: bool = True) -> Message:
     # An UPDATE by id: a row deleted meanwhile (its conversation was) ends the answer quietly at its end.
     Message.objects.filter(pk=reply.pk).update(content="", error="", status=Message.Status.GENERATING, updated=timezone.now())
     return reply
-
-
-def history(conversation_id: int, content: str, before: datetime | None = None, model: str | None = None) -> Prompt:
-    """What to send TabbyAPI for the question `content` asked at `before` (None: a question not saved yet,
-    after everything): the conversation's answered turns before it, oldest first, then the question; with
-    the settings of `model` (None: the model the backend holds), its system prompt first."""
-    turns: list[dict[str, str]] = []
-    for question, answer in Message.objects.turns(conversation_id, before):
-        turns.append({"role": "user", "content": question})
-        if answer is not None:
-            turns.append({"role": "assistant", "content": answer})
-    served = Backend.objects.filter(name="default").values("active_model")[:1]
-    values = ModelSettings.objects.values_of(model if model is not None else Subquery(served))
-    system, params = chat_defaults(values, settings.GANTRY_MAX_ANSWER_TOKENS)
-    return Prompt(turns + [{"role": "user", "content": content}], system, params)
 
 
 def requeue(message_id: int, note: str) -> None:
@@ -228,7 +213,7 @@ async def _generate(
         if answer is None:
             return
         log.warning("Answer to message %s failed: %s", answer.question.pk, exc.message)
-        status, error = Message.Status.FAILED, failure_sentence(exc)
+        status, error = Message.Status.FAILED, failure_sentence(exc, kept=answer.question.request is None)
         if await sync_to_async(_held_back)(answer.question, exc, backend):
             status = Message.Status.QUEUED
         elif isinstance(exc, BackendUnavailable):
@@ -237,7 +222,7 @@ async def _generate(
         if answer is not None:
             _running.pop(answer.question.pk, None)
     await (announcement or _Announcement(answer)).sent()  # before any later event
-    await _ended(answer, "".join(pieces), status, error, model, then, backend)
+    await _ended(answer, "".join(pieces), status, error, model, then, backend, pace)
 
 
 def _current_task() -> asyncio.Task[Any]:
@@ -247,7 +232,7 @@ def _current_task() -> asyncio.Task[Any]:
 
 
 async def _ended(
-    answer: Answer, content: str, status: str, error: str, model: str, then: Callable[[], None], backend: Backend
+    answer: Answer, content: str, status: str, error: str, model: str, then: Callable[[], None], backend: Backend, pace: Pace
 ) -> None:
     question, reply = answer.question, answer.reply
     group = conversation_group(question.conversation_id)
@@ -260,7 +245,10 @@ async def _ended(
         return
     if status == Message.Status.FAILED:
         await abroadcast(group, ErrorEvent(type="chat.error", message_id=question.pk, detail=error))
-    await abroadcast(group, DoneEvent(type="chat.done", message_id=reply.pk, status=status))
+    done = DoneEvent(type="chat.done", message_id=reply.pk, status=status)
+    if status == Message.Status.DONE:
+        done["finish_reason"], done["usage"], done["model"] = pace.finish_reason, pace.usage, model
+    await abroadcast(group, done)
     for message_id in (question.pk, reply.pk):
         if (event := await sync_to_async(_fresh_event)(message_id)) is not None:
             await abroadcast(group, MessageEvent(type="chat.message", message=event))
@@ -295,8 +283,12 @@ def _fresh_event(message_id: int) -> dict[str, Any] | None:
     return message.as_event() if message is not None else None
 
 
-def failure_sentence(exc: BackendError) -> str:
+def failure_sentence(exc: BackendError, kept: bool = True) -> str:
+    """The sentence for a failed answer; `kept`: a chat message, which Retry sends again (not so an API
+    request, whose caller sends it again)."""
     reason = exc.message.rstrip(". ")
+    if not kept:
+        return f"The model server could not answer ({reason})."
     if isinstance(exc, BackendUnavailable):
         return "The model server cannot be reached right now. Your message is kept: press Retry to send it again."
     if isinstance(exc, NoModelLoaded):

@@ -14,12 +14,21 @@ class ConversationQuerySet(models.QuerySet):
     def owned_by(self, user: Any) -> ConversationQuerySet:
         return self.filter(owner=user)
 
+    def in_chat(self) -> ConversationQuerySet:
+        """The conversations people have in the chat pages (not the OpenAI-compatible API's requests)."""
+        return self.filter(source=Conversation.Source.CHAT)
+
 
 class Conversation(models.Model):
+    class Source(models.TextChoices):
+        CHAT = "chat"
+        API = "api"  # one request of the OpenAI-compatible API: never in the sidebar, deleted when it ends
+
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations")
     title = models.CharField(max_length=200, default="New conversation")
     # The model its user picked; blank: it follows the fleet's default model.
     model_name = models.CharField(max_length=200, blank=True, default="")
+    source = models.CharField(max_length=8, choices=Source.choices, default=Source.CHAT)
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
 
@@ -125,6 +134,9 @@ class Message(models.Model):
     # The user message an answer replies to (the answer of a retried message is the same row again).
     reply_to = models.OneToOneField("self", null=True, blank=True, on_delete=models.CASCADE, related_name="answer")
     model_name = models.CharField(max_length=200, blank=True, default="")
+    # A question of the OpenAI-compatible API: the request as sent to the model server (its messages or
+    # prompt and its generation fields), instead of the conversation's history.
+    request = models.JSONField(null=True, blank=True, default=None)
     # The backend answering a question (set when it is claimed), and the one that answered an answer.
     backend = models.ForeignKey(Backend, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     created = models.DateTimeField(auto_now_add=True)

@@ -15,9 +15,11 @@ from django.db import transaction
 from django.utils import timezone
 
 from chat.balance import can_answer, conversation_model
-from chat.generation import Answer, Claimed, EarlyRequest, answer_row, cancel_here, generate, history
+from chat.generation import Answer, Claimed, EarlyRequest, answer_row, cancel_here, generate
 from chat.models import Conversation, Message
+from chat.prompts import asked, history
 from chat.queue import admit, check_room, position, release_here, schedule_positions, wake
+from chat.streaming import Prompt
 from gantry.background import spawn
 from gantry.broadcast import ConversationEvent, MessageEvent, QueuedEvent, broadcast, conversation_group, user_group
 from gantry.parsers import is_storable
@@ -115,34 +117,41 @@ def delete_conversation(conversation: Conversation) -> None:
 # Messages
 
 
-def post_message(conversation_id: int, content: object) -> Message:
+def post_message(conversation_id: int, content: object, request: dict[str, Any] | None = None) -> Message:
     """Save the user's message in their conversation (its owner was checked by the caller) and start its
-    answer."""
+    answer. `request`: a request of the OpenAI-compatible API (chat.prompts.asked), answered instead of
+    the conversation's history; its conversation is not shown in the sidebar."""
     content = _checked_content(content)
     # With no transaction of a caller's open, the answer's request goes to TabbyAPI while the message is
     # saved: the commit, not the caller, decides whether it stands.
     early = EarlyRequest() if not transaction.get_connection().in_atomic_block else None
     try:
         with transaction.atomic():
-            conversation, message, reply, backend = _save_question(conversation_id, content, early)
+            conversation, message, reply, backend = _save_question(conversation_id, content, early, request)
     except BaseException:
         if early is not None:
             early.withdraw()  # nothing was saved: the request is withdrawn
         raise
-    sidebar = (
-        user_group(conversation.owner_id),
-        ConversationEvent(type="chat.conversation", conversation=conversation.as_event(), deleted=False),
-    )
+    sidebar = [
+        (
+            user_group(conversation.owner_id),
+            ConversationEvent(type="chat.conversation", conversation=conversation.as_event(), deleted=False),
+        )
+    ]
+    if conversation.source != Conversation.Source.CHAT:
+        sidebar = []
     if reply is None or backend is None:
         _hold(message)
-        broadcast(*sidebar)
+        for group, event in sidebar:
+            broadcast(group, event)
         return message
     # The sidebar's update goes out with the answer's announcement, once TabbyAPI has the request.
-    answer = Answer(message, reply, [sidebar])
+    answer = Answer(message, reply, sidebar)
     if early is not None:
         early.saved(answer)
     else:
-        claimed = Claimed(answer, backend, history(conversation_id, content, before=message.created, model=backend.active_model))
+        prompt = _prompt(conversation_id, content, request, backend.active_model, before=message.created)
+        claimed = Claimed(answer, backend, prompt)
         transaction.on_commit(lambda: spawn(generate(claimed, then=wake)))
     return message
 
@@ -157,8 +166,12 @@ def _checked_content(content: object) -> str:
     return content
 
 
+def _prompt(conversation_id: int, content: str, request: dict[str, Any] | None, model: str, before: Any = None) -> Prompt:
+    return asked(request, model) if request is not None else history(conversation_id, content, before=before, model=model)
+
+
 def _save_question(
-    conversation_id: int, content: str, early: EarlyRequest | None
+    conversation_id: int, content: str, early: EarlyRequest | None, request: dict[str, Any] | None
 ) -> tuple[Conversation, Message, Message | None, Backend | None]:
     """In the post's transaction: the message, and its answer's row and backend when it is answered at
     once (the usual case: nothing waits, so it is claimed as it is saved, under the claim lock as any
@@ -168,7 +181,7 @@ def _save_question(
     backend = admit(conversation_id, conversation_model(conversation_id))
     answer_now = backend is not None
     if backend is not None and early is not None:
-        early.send(history(conversation_id, content, model=backend.active_model), then=wake, backend=backend)
+        early.send(_prompt(conversation_id, content, request, backend.active_model), then=wake, backend=backend)
     conversation = Conversation.objects.filter(pk=conversation_id).first()
     if conversation is None:
         raise ValidationError("This conversation was deleted.")
@@ -178,6 +191,7 @@ def _save_question(
         content=content,
         status=Message.Status.GENERATING if answer_now else Message.Status.QUEUED,
         backend=backend,
+        request=request,
     )
     if conversation.title == "New conversation":
         conversation.title = " ".join(content.split())[:60]

@@ -40,6 +40,8 @@ class Pace:
         self.first = self.last = 0.0
         self.pieces = 0
         self.tokens = 0
+        self.finish_reason: str | None = None  # as TabbyAPI said it ("stop", "length")
+        self.usage: dict[str, int] | None = None  # TabbyAPI's token counts, from its last piece
 
     def piece(self, model: str) -> None:
         self.last = time.monotonic()
@@ -57,11 +59,16 @@ class Pace:
 @dataclass(frozen=True)
 class Prompt:
     """What an answer's request sends: the conversation (its answered turns, oldest first, then the
-    question), after the answering model's system prompt, with its generation settings."""
+    question), after the answering model's system prompt, with its generation settings.
+
+    A request of the OpenAI-compatible API is sent as its caller wrote it (`fixed`: never shortened),
+    and a plain completion (`text`, not None) goes to TabbyAPI's `/v1/completions` instead."""
 
     turns: list[dict[str, str]]
     system: str = ""
     params: dict[str, Any] = field(default_factory=dict)
+    text: str | None = None
+    fixed: bool = False
 
     def messages(self) -> list[dict[str, str]]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
@@ -86,11 +93,15 @@ async def opened(
         try:
             while True:
                 try:
-                    opening = answer_client(backend).open_chat_batches(prompt.messages(), **params)
+                    client = answer_client(backend)
+                    if prompt.text is not None:
+                        opening = client.open_completion_batches(prompt.text, **params)
+                    else:
+                        opening = client.open_chat_batches(prompt.messages(), **params)
                     stream = await stack.enter_async_context(opening)
                     break
                 except BackendBadResponse as exc:
-                    if not (too_long(exc) and len(prompt.turns) > 1):
+                    if not (too_long(exc) and len(prompt.turns) > 1) or prompt.fixed:
                         raise
                     prompt = prompt.shortened()
         finally:
@@ -122,6 +133,8 @@ async def relay(
                 model = delta.model or model
                 if delta.usage:
                     pace.tokens = int(delta.usage.get("completion_tokens") or 0)
+                    pace.usage = {key: int(value) for key, value in delta.usage.items() if isinstance(value, int)}
+                pace.finish_reason = delta.finish_reason or pace.finish_reason
                 # A byte-level vocabulary has a NUL token, and PostgreSQL text cannot hold NUL: the save would fail.
                 piece = delta.text.replace("\x00", "")
                 if piece:

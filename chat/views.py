@@ -44,7 +44,7 @@ def logout_page(request: HttpRequest) -> HttpResponse:
 
 @login_required
 def chat_page(request: HttpRequest, conversation_id: int | None = None) -> HttpResponse:
-    conversations = Conversation.objects.owned_by(request.user)
+    conversations = Conversation.objects.owned_by(request.user).in_chat()
     current = get_object_or_404(conversations, pk=conversation_id) if conversation_id is not None else None
     backend = default_backend()
     check_if_stale(backend)  # the banner follows from the page's socket

@@ -9,7 +9,7 @@ The browser switches on `type`; Channels turns the dotted type into a consumer m
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
@@ -41,11 +41,15 @@ class TokenEvent(TypedDict):
 
 
 class DoneEvent(TypedDict):
-    """An answer is complete (or was stopped: `status` says which)."""
+    """An answer is complete (or was stopped: `status` says which). An answer that ended by itself also
+    says why (`finish_reason`: "stop", "length"), its token counts (`usage`) and the `model` that gave it."""
 
     type: Literal["chat.done"]
     message_id: int
     status: str
+    finish_reason: NotRequired[str | None]
+    usage: NotRequired[dict[str, int] | None]
+    model: NotRequired[str]
 
 
 class ErrorEvent(TypedDict):

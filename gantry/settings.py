@@ -78,6 +78,7 @@ INSTALLED_APPS = [
     "channels",
     "models_admin",
     "chat",
+    "gateway",
 ]
 
 # One stack for sync and async views: Django's own middleware, whose hooks run on the event loop for
@@ -236,6 +237,8 @@ GANTRY_LOGIN_THREADS = env_int("GANTRY_LOGIN_THREADS", 1, minimum=1)
 GANTRY_MAX_QUEUED = env_int("GANTRY_MAX_QUEUED", 1000, minimum=1)
 # One person's messages waiting for the model: no one account fills the queue for everyone.
 GANTRY_MAX_QUEUED_PER_USER = env_int("GANTRY_MAX_QUEUED_PER_USER", 20, minimum=1)
+# Seconds a request of the OpenAI-compatible API may wait in the queue before it is answered 503.
+GANTRY_HOLD_TIMEOUT = env_float("GANTRY_HOLD_TIMEOUT", 300.0, minimum=1.0)
 GANTRY_LOGIN_MAX_FAILURES = env_int("GANTRY_LOGIN_MAX_FAILURES", 5, minimum=1)
 GANTRY_LOGIN_MAX_FAILURES_PER_ADDRESS = env_int("GANTRY_LOGIN_MAX_FAILURES_PER_ADDRESS", 20, minimum=1)
 GANTRY_LOGIN_LOCKOUT = env_int("GANTRY_LOGIN_LOCKOUT", 300, minimum=1)

@@ -15,4 +15,5 @@ urlpatterns = [
     path("metrics", probes.metrics_view),
     path("", include("chat.urls")),
     path("", include("models_admin.urls")),
+    path("", include("gateway.urls")),
 ]

@@ -91,6 +91,12 @@ def chat_call(messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) 
     return Call("POST", "/v1/chat/completions", "api", "start an answer", body)
 
 
+def completion_call(prompt: str, params: Mapping[str, Any]) -> Call:
+    """A plain completion of `prompt` (no chat template), streamed as an answer is."""
+    body = {**params, "prompt": prompt, "stream": True, "stream_options": {"include_usage": True}}
+    return Call("POST", "/v1/completions", "api", "start an answer", body)
+
+
 KEEPALIVE_SECONDS = 4.0
 
 
@@ -311,6 +317,10 @@ class TabbyClient:
         """As `open_chat`, but the pieces that came in one read of the connection come as one list: a
         reader that fell behind TabbyAPI (a busy process) catches up in one step, not one step a piece."""
         return self._opened(chat_call(messages, params), ChatReader(), _batches)
+
+    def open_completion_batches(self, prompt: str, **params: Any) -> AbstractAsyncContextManager[AsyncGenerator[list[ChatDelta], None]]:
+        """As `open_chat_batches`, for a plain completion of `prompt`."""
+        return self._opened(completion_call(prompt, params), ChatReader(), _batches)
 
     @asynccontextmanager
     async def _opened(

@@ -195,6 +195,8 @@ def delta_from(event: dict[str, Any], payload: str) -> ChatDelta:
         raise unreadable("completion", payload)
     delta = choice.get("delta") or {}
     text = (delta.get("content") or "") if isinstance(delta, dict) else None
+    if "text" in choice and "delta" not in choice:  # a completion's piece (`POST /v1/completions`)
+        text = choice.get("text") or ""
     finish, usage = choice.get("finish_reason"), event.get("usage")
     if not isinstance(text, str) or not isinstance(finish, str | None) or not isinstance(usage, dict | None):
         raise unreadable("completion", payload)

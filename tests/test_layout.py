@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ["gantry", "chat", "models_admin", "tabby", "bench", "harness"]
-DJANGO_SIDE = {"gantry", "chat", "models_admin", "django", "rest_framework", "channels", "celery"}
+FOLDERS = ["gantry", "chat", "models_admin", "gateway", "tabby", "bench", "harness"]
+DJANGO_SIDE = {"gantry", "chat", "models_admin", "gateway", "django", "rest_framework", "channels", "celery"}
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 60
 
@@ -141,7 +141,10 @@ def test_imports_run_one_way_between_folders() -> None:
             wrong.append(f"{name} (the model server) imports {sorted(tops & DJANGO_SIDE)}")
         if top(name) == "models_admin" and "chat" in tops:
             wrong.append(f"{name} imports chat")
-        if top(name) in ("bench", "harness", "gantry", "chat", "models_admin") and "tests" in tops:
+        # The OpenAI-compatible gateway is built on chat's queue; nothing below it knows it.
+        if top(name) in ("chat", "models_admin", "gantry") and "gateway" in tops:
+            wrong.append(f"{name} imports gateway")
+        if top(name) in ("bench", "harness", "gantry", "chat", "models_admin", "gateway") and "tests" in tops:
             wrong.append(f"{name} imports tests")
         if top(name) == "harness" and "bench" in tops:
             wrong.append(f"{name} imports bench")

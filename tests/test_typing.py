@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_mypy_passes() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "mypy", "tabby", "gantry", "chat", "models_admin", "harness", "bench"],
+        [sys.executable, "-m", "mypy", "tabby", "gantry", "chat", "models_admin", "gateway", "harness", "bench"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr

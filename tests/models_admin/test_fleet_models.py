@@ -15,6 +15,7 @@ import pytest
 
 from harness.site import ADMIN, MEMBER, Site, receive_until, run_site
 from tests.conftest import TINY
+from tests.gateway.live import make_key, openai_client
 from tests.models_admin.fleet_live import SECOND, Pair, add_second, answered_by, by_name, started_pair
 from tests.models_admin.live import query
 
@@ -124,3 +125,14 @@ async def test_a_message_for_a_model_nobody_serves_waits_and_is_answered_once_a_
             served = await receive_until(page, lambda e: e["type"] == "chat.models" and SMALL in e["served"], timeout=60)
             assert served[-1]["served"] == [TINY, SMALL] and served[-1]["loading"] == []
         assert answers(site, [held["id"]]) == {held["id"]: (SECOND, SMALL)}
+
+
+def test_an_api_request_naming_a_served_model_goes_to_its_backend_and_any_other_name_to_the_default(site: Site) -> None:
+    client = openai_client(site, make_key(site, MEMBER)[1])
+    assert [model.id for model in client.models.list()] == [TINY, SMALL]  # served now, the default first
+    asked = [{"role": "user", "content": "Hello"}]
+    small = client.chat.completions.create(model=SMALL, messages=asked, max_tokens=4)  # type: ignore[arg-type]
+    other = client.chat.completions.create(model="gpt-4o", messages=asked, max_tokens=4)  # type: ignore[arg-type]
+    # Each answer's `model` is the model of the backend that gave it.
+    assert (small.model, other.model) == (SMALL, TINY)
+    assert small.choices[0].message.content and other.choices[0].message.content

@@ -1,0 +1,247 @@
+"""One request of the OpenAI-compatible API on its way through chat's queue.
+
+The request becomes a conversation of the key's user, marked as from the API, whose one question
+carries the request as written (chat.prompts.asked). It is posted as any chat message: answered at once
+when a backend holding the model is free, else held and released in its turn, within the same caps.
+The exchange listens on the conversation's group (tokens, the end, the question's place in the queue)
+and on the chat pages' group (a switch's progress), and turns those events into pieces: text, comments
+on what the request waits for, and the end. When the request ends (answered, refused, or its caller
+gone), the conversation is deleted: an answer still running stops within a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.core.exceptions import ValidationError
+
+from chat import services
+from chat.generation import cancel_here
+from chat.models import Conversation, Message
+from chat.queue import schedule_positions
+from gantry.background import spawn
+from gantry.broadcast import CHAT_GROUP, conversation_group
+from gantry.serving import in_web_thread
+from gateway.openai_input import ApiError, Asked
+from models_admin.services import chat_state, served_models
+
+COMMENT_EVERY = 5.0  # seconds: a held request hears where it stands at least this often
+RETRY_AFTER = 30  # seconds, said to a request refused for waiting too long
+
+
+@dataclass
+class Text:
+    text: str
+
+
+@dataclass
+class Comment:
+    text: str
+
+
+@dataclass
+class Restart:
+    """The answer was cut off (a model switch) and its request is queued again, for the new model."""
+
+
+@dataclass
+class Ended:
+    finish_reason: str
+    usage: dict[str, int] | None
+    model: str
+
+
+Piece = Text | Comment | Restart | Ended
+
+
+def _open(user: Any, model: str | None) -> Conversation:
+    """The request's conversation. A `model` served now picks it (the request goes to a backend holding
+    it); any other name is read as TabbyAPI reads it: the default model answers."""
+    picked = model if model and model in served_models()["served"] else ""
+    return Conversation.objects.create(owner=user, title="API request", source=Conversation.Source.API, model_name=picked)
+
+
+def _post(conversation: Conversation, asked: Asked) -> Message:
+    return services.post_message(conversation.pk, asked.content, request=asked.request)
+
+
+def discard(conversation_id: int) -> None:
+    """The request ended: its answer stops (here at once; in another process at its next save) and its
+    rows go; the requests held behind it move up."""
+    generating = Message.objects.filter(conversation_id=conversation_id, role=Message.Role.USER, status=Message.Status.GENERATING)
+    for message_id in generating.values_list("id", flat=True):
+        cancel_here(message_id)
+    held = Message.objects.filter(conversation_id=conversation_id, status=Message.Status.QUEUED).exists()
+    Conversation.objects.filter(pk=conversation_id).delete()
+    if held:
+        schedule_positions()
+
+
+def _question(message_id: int) -> tuple[str, str]:
+    """The question's status, and the model of the backend answering it."""
+    row = Message.objects.filter(pk=message_id).values_list("status", "backend__active_model").first()
+    return (row[0], row[1] or "") if row is not None else (Message.Status.CANCELLED, "")
+
+
+def waiting_text(progress: dict[str, Any] | None, state: dict[str, Any] | None, position: int | None) -> str:
+    """`loading Large-Chat-1G 63%, 2 requests ahead`: what a held request waits for, and its place."""
+    if progress is not None and progress.get("step") not in ("done", "failed"):
+        model, percent, step = progress.get("model") or "the model", float(progress.get("percent") or 0), progress.get("step")
+        what = f"loading {model} {percent:.0f}%" if step == "loading" else f"switching to {model} ({step}) {percent:.0f}%"
+    elif state is not None and "unreachable" in (state.get("state"), state.get("trouble")):
+        what = "waiting for the model server, which cannot be reached"
+    elif state is not None and state.get("state") == "unloaded":
+        what = "waiting for a model to be loaded"
+    else:
+        what = "waiting for the model"
+    if position is None:
+        return what
+    ahead = position - 1
+    return f"{what}, {'no' if not ahead else ahead} request{'' if ahead == 1 else 's'} ahead"
+
+
+class Exchange:
+    def __init__(self, user: Any, asked: Asked) -> None:
+        self.user, self.asked = user, asked
+        self.layer = get_channel_layer()
+        self.channel = ""
+        self.groups: list[str] = []
+        self.conversation_id: int | None = None
+        self.question_id = 0
+        self.started = False
+        self.held_since = time.monotonic()
+        self.position: int | None = None
+        self.progress: dict[str, Any] | None = None
+        self.state: dict[str, Any] | None = None
+        self.error = ""
+        self.model = ""
+        self._receiving: asyncio.Task[dict[str, Any]] | None = None
+
+    async def open(self) -> None:
+        """Post the request to the queue (listening first, so no event of it is missed); a full queue is
+        429, as chat refuses the message."""
+        conversation = await in_web_thread(_open, self.user, self.asked.model)
+        self.conversation_id = conversation.pk
+        self.channel = await self.layer.new_channel()
+        self.groups = [conversation_group(conversation.pk), CHAT_GROUP]
+        for group in self.groups:
+            await self.layer.group_add(group, self.channel)
+        try:
+            question = await in_web_thread(_post, conversation, self.asked)
+        except ValidationError as exc:
+            self.close()
+            raise ApiError(429, " ".join(exc.messages), kind="rate_limit_error", code="queue_full") from None
+        self.question_id = question.pk
+        self.started = question.status == Message.Status.GENERATING
+        if not self.started:
+            self.state = await in_web_thread(chat_state)  # what it waits for, until the next change says
+        self.held_since = time.monotonic()
+
+    def close(self) -> None:
+        """Stop listening and discard the request (from anywhere, a cancelled task included: the work is
+        spawned, never awaited here)."""
+        if self._receiving is not None:
+            self._receiving.cancel()
+        conversation_id, self.conversation_id = self.conversation_id, None
+        spawn(self._leave(list(self.groups), self.channel, conversation_id))
+
+    async def _leave(self, groups: list[str], channel: str, conversation_id: int | None) -> None:
+        for group in groups:
+            await self.layer.group_discard(group, channel)
+        if conversation_id is not None:
+            await sync_to_async(discard)(conversation_id)
+
+    async def _next_event(self, timeout: float) -> dict[str, Any] | None:
+        # One receive, kept across timeouts: cancelling a receive may lose the message it was taking.
+        if self._receiving is None:
+            self._receiving = asyncio.get_running_loop().create_task(self.layer.receive(self.channel))
+        done, _ = await asyncio.wait([self._receiving], timeout=timeout)
+        if not done:
+            return None
+        event, self._receiving = self._receiving.result(), None
+        return event
+
+    def _check_hold(self) -> None:
+        limit = settings.GANTRY_HOLD_TIMEOUT
+        if not self.started and time.monotonic() - self.held_since > limit:
+            message = f"The request waited {limit:g} seconds for the model without being answered. Send it again later."
+            raise ApiError(503, message, kind="server_error", code="held_too_long", headers={"Retry-After": str(RETRY_AFTER)})
+
+    async def pieces(self) -> AsyncIterator[Piece]:
+        """The answer's pieces, and while it is held, comments saying what it waits for."""
+        while True:
+            left = settings.GANTRY_HOLD_TIMEOUT - (time.monotonic() - self.held_since)
+            timeout = COMMENT_EVERY if self.started else max(0.05, min(COMMENT_EVERY, left + 0.05))
+            event = await self._next_event(timeout)
+            self._check_hold()
+            if event is None:
+                if not self.started:
+                    yield Comment(self.waiting())
+                continue
+            async for piece in self._pieces_of(event):
+                yield piece
+                if isinstance(piece, Ended):
+                    return
+
+    def waiting(self) -> str:
+        return waiting_text(self.progress, self.state, self.position)
+
+    async def _pieces_of(self, event: dict[str, Any]) -> AsyncIterator[Piece]:
+        kind = event.get("type")
+        if kind == "model.progress":
+            self.progress = event
+        elif kind == "model.state":
+            self.state = event
+            if event.get("state") == "ready":
+                self.progress = None
+        elif kind == "chat.queued" and event.get("message_id") == self.question_id:
+            self.position = int(event["position"])
+        elif kind == "chat.message" and event["message"]["id"] == self.question_id:
+            self._question_changed(event["message"]["status"])
+            return
+        elif kind == "chat.error" and event.get("message_id") == self.question_id:
+            self.error = str(event.get("detail") or "")
+            return
+        elif kind == "chat.token":
+            self.started = True
+            if not self.model:
+                self.model = (await in_web_thread(_question, self.question_id))[1]
+            yield Text(str(event["text"]))
+            return
+        elif kind == "chat.done":
+            yield await self._ended(event)
+            return
+        else:
+            return
+        if not self.started and kind in ("model.progress", "chat.queued"):
+            yield Comment(self.waiting())
+
+    def _question_changed(self, status: str) -> None:
+        if status == Message.Status.GENERATING:
+            self.started = True
+        elif status == Message.Status.QUEUED and self.started:
+            self.started, self.held_since = False, time.monotonic()  # cut off by a switch: held again
+
+    async def _ended(self, event: dict[str, Any]) -> Piece:
+        if event.get("status") == Message.Status.DONE:
+            return Ended(str(event.get("finish_reason") or "stop"), event.get("usage"), str(event.get("model") or self.model))
+        status, _ = await in_web_thread(_question, self.question_id)
+        if status in (Message.Status.QUEUED, Message.Status.GENERATING):  # queued again (and maybe taken again)
+            self.started, self.held_since, self.model = status == Message.Status.GENERATING, time.monotonic(), ""
+            return Restart()
+        if status == Message.Status.FAILED:
+            raise failure(self.error)
+        raise ApiError(500, "The answer was stopped before it was complete. Send the request again.", kind="server_error")
+
+
+def failure(sentence: str) -> ApiError:
+    if "context length" in sentence.lower() or "too long" in sentence.lower():
+        return ApiError(400, sentence, code="context_length_exceeded", param="messages")
+    return ApiError(502, sentence or "The model server could not answer. Send the request again.", kind="server_error")

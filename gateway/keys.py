@@ -1,0 +1,83 @@
+"""Making, finding and revoking personal API keys.
+
+A key is shown once, when it is made; Gantry keeps its SHA-256 digest. A key acts as its user: a key
+of a deactivated account is refused, and its requests wait in the queue within its user's share.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import timedelta
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.db.models import Q, QuerySet
+from django.utils import timezone
+
+from gantry.parsers import is_storable
+from gateway.models import ApiKey
+
+KEY_PREFIX = "gsk_"
+SHOWN_CHARACTERS = 12  # of a key, kept to tell keys apart (the prefix and 8 random characters)
+NAME_LIMIT = ApiKey._meta.get_field("name").max_length or 100
+KEYS_PER_USER = 50
+LONGEST_KEY = 200  # anything longer is no key of ours, and is refused before it is hashed
+TOUCH_EVERY = timedelta(seconds=60)  # `last_used` is written at most this often per key
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def checked_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise ValidationError('Send the key\'s name as text, like {"name": "laptop"}.')
+    if not is_storable(name):
+        raise ValidationError("This name has a character that cannot be stored (a NUL character or half of a surrogate pair).")
+    name = " ".join(name.split())
+    if not name:
+        raise ValidationError('Give the key a name, to tell it apart from your other keys ("laptop", "notebook server").')
+    if len(name) > NAME_LIMIT:
+        raise ValidationError(f"This name has {len(name):,} characters; the limit is {NAME_LIMIT}.")
+    return name
+
+
+def create_key(user: Any, name: object) -> tuple[ApiKey, str]:
+    """A new key of `user`: its row and the key itself, which is never shown again."""
+    name = checked_name(name)
+    if ApiKey.objects.filter(owner=user).count() >= KEYS_PER_USER:
+        raise ValidationError(f"You already have {KEYS_PER_USER} keys, the limit. Revoke one you no longer use first.")
+    key = new_key()
+    row = ApiKey.objects.create(owner=user, name=name, prefix=key[:SHOWN_CHARACTERS], digest=digest(key))
+    return row, key
+
+
+def visible_keys(user: Any) -> QuerySet[ApiKey]:
+    """The keys `user` sees and may revoke: their own; an admin's, everyone's."""
+    keys = ApiKey.objects.select_related("owner")
+    return keys if user.is_staff else keys.filter(owner=user)
+
+
+def revoke(user: Any, key_id: int) -> bool:
+    """Revoke a key `user` may see; False when there is none such."""
+    deleted, _ = visible_keys(user).filter(pk=key_id).delete()
+    return bool(deleted)
+
+
+def user_of(key: str) -> Any | None:
+    """The active user whose key this is (and the key's last use noted), or None."""
+    if not key or len(key) > LONGEST_KEY or not key.isascii():
+        return None
+    row = ApiKey.objects.select_related("owner").filter(digest=digest(key)).first()
+    if row is None or not row.owner.is_active:
+        return None
+    now = timezone.now()
+    if row.last_used is None or now - row.last_used >= TOUCH_EVERY:
+        stale = Q(last_used__isnull=True) | Q(last_used__lt=now - TOUCH_EVERY)
+        ApiKey.objects.filter(stale, pk=row.pk).update(last_used=now)
+    return row.owner
