@@ -343,6 +343,8 @@ def _finish(op: Operation, status: str, active: str, abandoned: str = "") -> Non
         op.status, op.finished = status, now
         op.save(update_fields=["status", "finished", "load_seconds", "heartbeat"])
         backend.active_model = active
+        if active:
+            backend.loaded_at = now  # the policies' clock (models_admin.policies) starts with the load
         if status == Operation.Status.SUCCEEDED:
             backend.desired_model = active  # what it should hold from now on (nothing, after an unload)
         backend.target_model = ""
@@ -357,7 +359,7 @@ def _finish(op: Operation, status: str, active: str, abandoned: str = "") -> Non
         backend.doubt_until = None
         backend.save(
             update_fields=[
-                "state", "active_model", "desired_model", "target_model", "operation", "trouble", "trouble_text",
+                "state", "active_model", "loaded_at", "desired_model", "target_model", "operation", "trouble", "trouble_text",
                 "abandoned_load", "abandoned_since", "abandoned_beat", "checked_at", "doubt_until", "updated",
             ]
         )

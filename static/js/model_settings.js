@@ -28,7 +28,7 @@
     const text = input(name).value.trim();
     if (text === "") return null;
     if (name === "system_prompt") return input(name).value;
-    if (name === "gpu_split_auto") return text === "true";
+    if (input(name).tagName === "SELECT") return text === "true" || text === "false" ? text === "true" : text;
     if (name === "gpu_split") return text.split(/[\s,]+/).filter(Boolean).map((part) => (isNaN(Number(part)) ? part : Number(part)));
     if (["cache_mode", "draft_model", "prompt_template"].includes(name)) return text;
     if (name === "rope_alpha" && text.toLowerCase() === "auto") return "auto";
