@@ -22,7 +22,7 @@ from typing import Any
 from django.utils import timezone
 
 from models_admin.model_settings import ModelSettings
-from models_admin.models import Backend
+from models_admin.models import Backend, Operation
 from models_admin.signals import running_answers
 
 ADMINS = "admins"
@@ -64,6 +64,13 @@ def preloaded_models() -> list[str]:
     """The models whose `preload` is set, by name."""
     rows = ModelSettings.objects.values_list("model_name", "values")
     return sorted(name for name, values in rows if values.get("preload") is True)
+
+
+def unloaded_by_policy(backend: Backend) -> bool:
+    """Whether the backend's last operation was an idle unload by a model's policy: it still names the
+    model it should hold (`desired_model`), which nothing loads again on its own."""
+    last = Operation.objects.filter(backend=backend).order_by("-started", "-id").values("kind", "source", "status").first()
+    return last == {"kind": Operation.Kind.UNLOAD, "source": Operation.Source.POLICY, "status": Operation.Status.SUCCEEDED}
 
 
 def idle_since(backend: Backend) -> datetime | None:

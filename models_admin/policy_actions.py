@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from models_admin import operations
 from models_admin.models import Backend, LanguageModel, Operation, Roll
-from models_admin.policies import idle_due, idle_since, policies_of, preloaded_models
+from models_admin.policies import idle_due, idle_since, policies_of, preloaded_models, unloaded_by_policy
 from models_admin.tabby_errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,8 @@ def _free(backend: Backend, fleet_size: int) -> bool:
     """A backend that holds nothing and would not be given a model by anything else: in a fleet, one
     that should hold a model gets it back from the reconciler (models_admin.fleet)."""
     empty = backend.state == Backend.State.UNLOADED and not backend.active_model and backend.operation_id is None
-    return empty and not backend.trouble and not (fleet_size > 1 and backend.desired_model)
+    reconciled = fleet_size > 1 and bool(backend.desired_model) and not unloaded_by_policy(backend)
+    return empty and not backend.trouble and not reconciled
 
 
 def _load_somewhere(model: str, free: list[Backend]) -> Operation | None:

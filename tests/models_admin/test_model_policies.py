@@ -13,11 +13,13 @@ from django.contrib.auth.models import User
 from django.test import Client
 from django.utils import timezone
 
+from models_admin.fleet import reconcile
 from models_admin.fleet_file import import_fleet, read_fleet
 from models_admin.model_settings import ModelSettings, SettingsChange
-from models_admin.models import Backend, LanguageModel
-from models_admin.policies import Policy, idle_due, idle_unload_in, may_unload, policy_for, preloaded_models
+from models_admin.models import Backend, LanguageModel, Operation
+from models_admin.policies import Policy, idle_due, idle_unload_in, may_unload, policy_for, preloaded_models, unloaded_by_policy
 from models_admin.policy_actions import preload
+from models_admin.runner import _finish
 from models_admin.settings_fields import SettingsInvalid, chat_defaults, clean, load_request
 
 MODEL = "Tiny-Chat-5M"
@@ -169,3 +171,30 @@ def test_preload_never_unloads_anything_at_start(holding: Backend, caplog: pytes
     holding.refresh_from_db()
     assert holding.active_model == MODEL and holding.operation_id is None
     assert preload([MODEL], [holding]) == []  # already held: nothing to do
+
+
+def test_an_idle_unload_keeps_the_model_the_backend_should_hold_and_the_reconciler_leaves_it(
+    holding: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    holding.desired_model = MODEL
+    holding.save()
+    other = Backend.objects.create(
+        name="gpu-2", base_url="http://127.0.0.1:9", state=Backend.State.READY, active_model=MODEL, desired_model=MODEL
+    )
+    unload = Operation.objects.create(backend=other, kind=Operation.Kind.UNLOAD, source=Operation.Source.POLICY, from_model=MODEL)
+    _finish(unload, Operation.Status.SUCCEEDED, active="")
+    other.refresh_from_db()
+    assert (other.state, other.active_model, other.desired_model) == (Backend.State.UNLOADED, "", MODEL)
+    assert unloaded_by_policy(other)
+    # Chat still follows the model (the default backend holds it); nothing loads it again on gpu-2.
+    with caplog.at_level(logging.INFO, logger="models_admin.fleet"):
+        assert reconcile() == 0
+    assert "gpu-2" not in caplog.text
+
+    # An admin's unload, by contrast, leaves the backend wanting nothing.
+    admin_unload = Operation.objects.create(
+        backend=holding, kind=Operation.Kind.UNLOAD, source=Operation.Source.API, from_model=MODEL
+    )
+    _finish(admin_unload, Operation.Status.SUCCEEDED, active="")
+    holding.refresh_from_db()
+    assert holding.desired_model == "" and not unloaded_by_policy(holding)

@@ -110,6 +110,8 @@ def test_an_idle_model_is_unloaded_on_time_and_never_while_an_answer_runs(server
 
         listed = {row["id"]: row for row in admin.get("/api/admin/models").json()["models"]}
         assert listed[TINY]["active"] is False and listed[TINY]["idle_unload_in"] is None
+        activity = admin.get("/admin/activity/").text
+        assert 'Gantry <span class="via">(idle for its idle_unload_after)</span>' in activity
 
         # A message sent now is held, as with any unloaded model, and answered once the model is back.
         conversation = member.post("/api/conversations/", json={}).json()["id"]
@@ -161,4 +163,6 @@ def test_a_preload_model_is_loaded_when_the_site_starts_on_a_server_holding_noth
     operations = policy_operations(site)[before:]
     assert [(op["kind"], op["to_model"], op["status"]) for op in operations] == [("switch", TINY, "succeeded")]
     assert operations[0]["requested_by_id"] is None
+    with site.session(ADMIN) as admin:
+        assert 'Gantry <span class="via">(preload at start)</span>' in admin.get("/admin/activity/").text
     assert f"Preloading {TINY} on the backend default, which holds nothing" in (site.workdir / "restarted.log").read_text()
