@@ -10,6 +10,7 @@ every switch for a preload), so each happens once.
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import datetime, timedelta
 
 from django.utils import timezone
@@ -70,8 +71,17 @@ class Preload:
     def __init__(self) -> None:
         self.started = timezone.now()  # made when the process starts (models_admin.watcher)
         self.done = False
+        self.lock = threading.Lock()  # a Celery worker's threads may run two rounds at once
 
     def round(self, fleet: list[Backend]) -> list[Operation]:
+        if self.done or not self.lock.acquire(blocking=False):
+            return []
+        try:
+            return self._round(fleet)
+        finally:
+            self.lock.release()
+
+    def _round(self, fleet: list[Backend]) -> list[Operation]:
         if self.done:
             return []
         now = timezone.now()
