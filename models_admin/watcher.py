@@ -47,10 +47,9 @@ def watch_round(preload: bool = True) -> float:
     if len(fleet) > 1:
         reconcile()
         resume_stale_rolls()
-    fleet = backends()  # as the checks left them
-    unload_idle(fleet)
-    if preload:
-        _preload.round(fleet)
+    unload_idle(fleet)  # the rows as the round began: an unload is claimed on the row as it is now
+    if preload and not _preload.done:
+        _preload.round(backends())  # as the checks left them
     return WATCH_EVERY
 
 

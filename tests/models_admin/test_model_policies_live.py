@@ -22,7 +22,7 @@ from tests.models_admin.live import backend, loaded_model, query, started_togeth
 TINY = "Tiny-Chat-5M"
 SERVER = {"model": {"model_name": TINY}, "developer": {"cpu_threads": 1}}
 # Long answers possible (one must outlast the idle time); refreshes every second (a short doubt at start).
-ENV = {"GANTRY_MAX_ANSWER_TOKENS": "600", "GANTRY_REFRESH_INTERVAL": "1"}
+ENV = {"GANTRY_MAX_ANSWER_TOKENS": "1500", "GANTRY_REFRESH_INTERVAL": "1"}
 SETTINGS = f"/api/admin/models/{TINY}/settings"
 ENDED = ("done", "failed", "cancelled")
 
@@ -87,7 +87,7 @@ def test_an_idle_model_is_unloaded_on_time_and_never_while_an_answer_runs(server
     loaded_again(site)
     before = len(policy_operations(site))
     with site.session(ADMIN) as admin, site.session(MEMBER) as member:
-        assert admin.put(SETTINGS, json={"idle_unload_after": 2, "max_tokens": 600}).status_code == 200
+        assert admin.put(SETTINGS, json={"idle_unload_after": 2, "max_tokens": 1500}).status_code == 200
         # The tiny model sometimes ends an answer early: ask until one runs longer than the idle time.
         for _ in range(5):
             status, ran = answer(member, "Tell me a long story about a dragon and a king.")
@@ -95,7 +95,7 @@ def test_an_idle_model_is_unloaded_on_time_and_never_while_an_answer_runs(server
             if ran >= 3:
                 break
             loaded_again(site)
-            assert admin.put(SETTINGS, json={"idle_unload_after": 2, "max_tokens": 600}).status_code == 200
+            assert admin.put(SETTINGS, json={"idle_unload_after": 2, "max_tokens": 1500}).status_code == 200
         else:
             pytest.fail("The tiny model ended each of 5 answers within 3 s: none outlasted the idle time")
         ended = used_at(site)
