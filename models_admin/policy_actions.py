@@ -39,7 +39,8 @@ def unload_idle(fleet: list[Backend], now: datetime | None = None) -> list[Opera
         policy = policies[backend.active_model]
         if not policy.idle_unload_after or not idle_due(backend, now, policy):
             continue
-        # One process claims the unload: the clocks it read are still the row's (no answer ended since).
+        # One process claims the unload: the clocks it read are still the row's (no answer ended since). The
+        # claim restarts the idle clock, so an unload refused below is tried again after another idle time.
         claimed = Backend.objects.filter(
             pk=backend.pk, state=Backend.State.READY, active_model=backend.active_model, operation__isnull=True,
             loaded_at=backend.loaded_at, used_at=backend.used_at,
