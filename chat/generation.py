@@ -266,6 +266,7 @@ def _finish(
         Message.objects.filter(pk=question.pk, status=Message.Status.GENERATING).update(status=status, error=error)
         reply.content, reply.status, reply.error = content, status, error
         reply.model_name = model or reply.model_name
+        now = timezone.now()
         # An UPDATE by id, not save(): a deleted row is no error, only nothing to update.
         fields = {
             "content": content,
@@ -273,8 +274,11 @@ def _finish(
             "error": error,
             "model_name": reply.model_name,
             "backend": backend,
-            "updated": timezone.now(),
+            "updated": now,
         }
+        if backend is not None:
+            # The model's last request on this backend: its idle time counts from here (models_admin.policies).
+            Backend.objects.filter(pk=backend.pk).update(used_at=now)
         return bool(Message.objects.filter(pk=reply.pk).update(**fields))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from functools import partial
 from typing import Any
 
 import django
@@ -71,7 +72,8 @@ def start_background_work() -> None:
         every(settings.GANTRY_REFRESH_INTERVAL, refresh_models)
     # A process that just started cannot tell a model server still loading its model from one with none.
     in_thread(request_check, settings.GANTRY_REFRESH_INTERVAL)
-    repeat("gantry-watcher", watch_round)
+    # Embedded, this process loads the `preload` models at its start; Celery's watch_fleet does otherwise.
+    repeat("gantry-watcher", partial(watch_round, preload=not settings.CELERY_BROKER_URL))
     wake()  # messages held before this process started
 
 

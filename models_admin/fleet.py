@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from models_admin import operations
 from models_admin.models import DEFAULT_BACKEND, Backend, Operation
+from models_admin.policies import unloaded_by_policy
 from models_admin.services import announce_state, default_backend, sync_models
 from models_admin.signals import model_ready, running_answers
 from models_admin.tabby_errors import BackendError
@@ -168,8 +169,8 @@ def reconcile() -> int:
     began = 0
     lost = Backend.objects.filter(state=Backend.State.UNLOADED, operation__isnull=True, abandoned_load="", trouble="")
     for backend in lost.exclude(desired_model=""):
-        if _failed_lately(backend):
-            continue
+        if _failed_lately(backend) or unloaded_by_policy(backend):
+            continue  # an idle model's unload by its policy is not undone
         try:
             # Several processes may reconcile at once: the second joins the switch the first began.
             operation = operations.request_switch(backend.desired_model, None, Operation.Source.FLEET, backend)

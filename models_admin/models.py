@@ -50,6 +50,10 @@ class Backend(models.Model):
     in_rotation = models.BooleanField(default=True)
     # When an answer was last sent to it: among equally busy backends, the one that waited longest goes first.
     routed_at = models.DateTimeField(null=True, blank=True)
+    # The model policies' clocks (models_admin.policies): when the model it holds was loaded (or first seen
+    # loaded), and when an answer on it last ended. Idle time counts from the later of the two.
+    loaded_at = models.DateTimeField(null=True, blank=True)
+    used_at = models.DateTimeField(null=True, blank=True)
     state = models.CharField(max_length=16, choices=State.choices, default=State.UNLOADED)
     active_model = models.CharField(max_length=200, blank=True, default="")
     target_model = models.CharField(max_length=200, blank=True, default="")
@@ -194,6 +198,7 @@ class Operation(models.Model):
         API = "api"
         COMMAND = "command"
         FLEET = "fleet"  # Gantry itself: a backend that came back gets its desired model again
+        POLICY = "policy"  # Gantry itself, by a model's policy: an idle model unloaded, a preloaded one loaded
 
     backend = models.ForeignKey(Backend, on_delete=models.CASCADE, related_name="operations")
     kind = models.CharField(max_length=16, choices=Kind.choices)

@@ -343,8 +343,14 @@ def _finish(op: Operation, status: str, active: str, abandoned: str = "") -> Non
         op.status, op.finished = status, now
         op.save(update_fields=["status", "finished", "load_seconds", "heartbeat"])
         backend.active_model = active
-        if status == Operation.Status.SUCCEEDED:
-            backend.desired_model = active  # what it should hold from now on (nothing, after an unload)
+        if active:
+            backend.loaded_at = now  # the policies' clock (models_admin.policies) starts with the load
+        # What it should hold from now on (nothing, after an unload). An idle unload by the model's policy
+        # keeps it: chat still follows that model (answered by the other backends holding it), and the
+        # reconciler leaves the backend empty (models_admin.policies.unloaded_by_policy).
+        idle_unload = op.kind == Operation.Kind.UNLOAD and op.source == Operation.Source.POLICY
+        if status == Operation.Status.SUCCEEDED and not idle_unload:
+            backend.desired_model = active
         backend.target_model = ""
         backend.operation = None
         backend.state = Backend.State.READY if active else Backend.State.UNREACHABLE if unreachable else Backend.State.UNLOADED
@@ -357,7 +363,7 @@ def _finish(op: Operation, status: str, active: str, abandoned: str = "") -> Non
         backend.doubt_until = None
         backend.save(
             update_fields=[
-                "state", "active_model", "desired_model", "target_model", "operation", "trouble", "trouble_text",
+                "state", "active_model", "loaded_at", "desired_model", "target_model", "operation", "trouble", "trouble_text",
                 "abandoned_load", "abandoned_since", "abandoned_beat", "checked_at", "doubt_until", "updated",
             ]
         )

@@ -29,6 +29,7 @@ from gantry.broadcast import (
 )
 from models_admin.clients import admin_client
 from models_admin.models import DEFAULT_BACKEND, Backend, LanguageModel, Operation
+from models_admin.policies import policies_of, row_fields
 from models_admin.signals import model_ready, model_unavailable, running_answers
 from models_admin.tabby_client import TabbyClient
 from models_admin.tabby_errors import BackendAuthError, BackendError, BackendUnavailable, sentence
@@ -130,9 +131,11 @@ def _record_state(backend: Backend, seen: datetime, loaded: str, key_refused: Ba
                 # Nothing loaded, and not by Gantry's doing: TabbyAPI looks the same while a load runs
                 # (one started at its start, or directly), so watch closely for a while.
                 backend.doubt_until = now + timedelta(seconds=settings.GANTRY_REFRESH_INTERVAL)
+            if loaded and (loaded != backend.active_model or backend.loaded_at is None):
+                backend.loaded_at = now  # loaded by someone else, or first seen: the policies' clock starts
             backend.state = Backend.State.READY if loaded else Backend.State.UNLOADED
             backend.active_model = loaded
-            fields += ["state", "active_model", "doubt_until", "abandoned_load", "abandoned_since", "abandoned_beat"]
+            fields += ["state", "active_model", "loaded_at", "doubt_until", "abandoned_load", "abandoned_since", "abandoned_beat"]
             if loaded and (backend.is_default or not backend.desired_model):
                 # What the default serves is the fleet's default model; an added backend keeps the model
                 # it should hold (first seen: the one it holds).
@@ -259,22 +262,26 @@ def _record_models(backend: Backend, names: list[str]) -> bool:
 
 
 def model_rows(backend: Backend) -> list[dict[str, Any]]:
-    """The model list as the admin API and the Models tab show it (two queries); `backends` names the
-    backends of the fleet that hold each model, ready."""
+    """The model list as the admin API and the Models tab show it (three queries, and one for each
+    backend holding a model with an idle policy); `backends` names the backends of the fleet that hold
+    each model, ready; the policy fields are models_admin.policies.row_fields."""
     last_load = Operation.objects.successful_loads(OuterRef("name")).values("load_seconds")[:1]
-    models = LanguageModel.objects.filter(backend=backend, present=True).annotate(last_load=Subquery(last_load))
-    holding: dict[str, list[str]] = {}
-    for name, model in Backend.objects.filter(state=Backend.State.READY).order_by("id").values_list("name", "active_model"):
-        holding.setdefault(model, []).append(name)
+    listed = LanguageModel.objects.filter(backend=backend, present=True).annotate(last_load=Subquery(last_load))
+    models = list(listed.order_by("name"))
+    holding: dict[str, list[Backend]] = {}
+    for ready in Backend.objects.filter(state=Backend.State.READY).order_by("id"):
+        holding.setdefault(ready.active_model, []).append(ready)
+    policies, now = policies_of(model.name for model in models), timezone.now()
     return [
         {
             "id": model.name,
             "name": model.name,
             "active": backend.active_model == model.name and backend.state == Backend.State.READY,
             "last_load_seconds": float(model.last_load) if model.last_load is not None else None,
-            "backends": holding.get(model.name, []),
+            "backends": [holder.name for holder in holding.get(model.name, [])],
+            **row_fields(model.name, holding.get(model.name, []), policies, now),
         }
-        for model in models.order_by("name")
+        for model in models
     ]
 
 

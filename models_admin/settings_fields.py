@@ -4,6 +4,8 @@ fleet file, and what they become in requests to TabbyAPI.
 Load parameters go with every `POST /v1/model/load` of the model (TabbyAPI's field names and types);
 generation defaults fill what a chat request leaves unset; the system prompt goes first in the
 conversation sent. A setting left out (or null) is not sent: TabbyAPI's or the model's own default applies.
+Policies (models_admin.policies) say what Gantry itself does with the model (keep it, unload it when idle,
+load it at start); they never go to TabbyAPI.
 Plain Python (no Django): the caller hands in the site's answer length cap.
 """
 
@@ -19,7 +21,9 @@ Values = dict[str, Any]
 NAME = re.compile(r"^[^/\\\x00]{1,200}$")
 CACHE_MODES = ("FP16", "Q8", "Q6", "Q4")
 SYSTEM_PROMPT_CHARS = 32_000
-LOAD, GENERATION = "load", "generation"
+LOAD, GENERATION, POLICY = "load", "generation", "policy"
+ROLES = ("nobody", "admins", "everyone")  # who may have a model loaded by asking for it
+LONGEST_SECONDS = 31_536_000  # a year: the longest time a policy counts
 
 
 class SettingsInvalid(ValueError):
@@ -38,6 +42,11 @@ class Field:
     help: str
     # Turns a value (JSON's types) into the stored one, or returns the sentence saying what is wrong.
     check: Callable[[str, Any], Any]
+    # The form's choices (value, label) when it offers a list; empty: a text field.
+    choices: tuple[tuple[str, str], ...] = ()
+
+
+YES_NO = (("", "default"), ("true", "yes"), ("false", "no"))
 
 
 class Refused(ValueError):
@@ -115,6 +124,20 @@ def gpu_split(name: str, value: Any) -> list[float]:
         raise Refused(f"{name} must list numbers of GB from 0 to 10,000, one per GPU.") from None
 
 
+def seconds(name: str, value: Any) -> int:
+    try:
+        return _whole(name, value, 1, LONGEST_SECONDS)
+    except Refused:
+        raise Refused(f"{name} must be a whole number of seconds from 1 to {LONGEST_SECONDS:,} (a year), or empty.") from None
+
+
+def role(name: str, value: Any) -> str:
+    who = value.strip().lower() if isinstance(value, str) else None
+    if who not in ROLES:
+        raise Refused(f"{name} must be one of {', '.join(ROLES)}.")
+    return who
+
+
 def text(name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise Refused(f"{name} must be text.")
@@ -158,7 +181,7 @@ FIELDS = (
         "A template name; empty: the model's own.",
         lambda name, value: _name(name, value, "a template"),
     ),
-    Field("gpu_split_auto", LOAD, "Split across GPUs automatically", "TabbyAPI's default is yes.", boolean),
+    Field("gpu_split_auto", LOAD, "Split across GPUs automatically", "TabbyAPI's default is yes.", boolean, YES_NO),
     Field("gpu_split", LOAD, "GPU split", "GB on each GPU, e.g. 20, 24 (with automatic split off).", gpu_split),
     Field("temperature", GENERATION, "Temperature", "0 picks the likeliest token; higher is more varied.", number(0, 5)),
     Field(
@@ -175,6 +198,31 @@ FIELDS = (
     ),
     Field("max_tokens", GENERATION, "Longest answer", "Tokens; at most the site's GANTRY_MAX_ANSWER_TOKENS.", tokens(1)),
     Field("system_prompt", GENERATION, "System prompt", "Sent first in every conversation with this model.", text),
+    Field(
+        "pinned",
+        POLICY,
+        "Pinned",
+        "Never unloaded by Gantry itself (when idle, or to load another model); an admin still can. Default no.",
+        boolean,
+        YES_NO,
+    ),
+    Field(
+        "idle_unload_after",
+        POLICY,
+        "Unload when idle after",
+        "Seconds without a request on a backend holding it, then Gantry unloads it there; empty: never.",
+        seconds,
+    ),
+    Field("preload", POLICY, "Preload", "Loaded when Gantry starts, on a backend holding nothing; default no.", boolean, YES_NO),
+    Field("min_residency", POLICY, "Minimum residency", "Seconds it stays loaded at least before Gantry may unload it.", seconds),
+    Field(
+        "load_on_request",
+        POLICY,
+        "Loaded on request by",
+        "Who may have it loaded by asking for it; default admins.",
+        role,
+        (("", "default (admins)"), ("nobody", "nobody"), ("admins", "admins"), ("everyone", "everyone")),
+    ),
 )
 BY_NAME = {field.name: field for field in FIELDS}
 

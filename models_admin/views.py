@@ -15,7 +15,7 @@ from models_admin.model_settings import SettingsChange
 from models_admin.models import Operation
 from models_admin.services import backend_event, check_if_stale, default_backend, model_rows
 from models_admin.settings_api import is_known, recent_changes, settings_document
-from models_admin.settings_fields import FIELDS, GENERATION, LOAD
+from models_admin.settings_fields import FIELDS, GENERATION, LOAD, POLICY
 
 ACTIVITY_ROWS = 200
 
@@ -63,6 +63,7 @@ def settings_page(request: HttpRequest, model_id: str) -> HttpResponse:
     groups = [
         ("Load parameters", "Sent with every load of this model (a switch to it, a rollback).", LOAD),
         ("Generation defaults", "Used for every chat answer by this model, where the request sets nothing.", GENERATION),
+        ("Policies", "What Gantry itself does with this model: keep it loaded, unload it when idle, load it at start.", POLICY),
     ]
     context = {
         "tab": "models",

@@ -26,23 +26,30 @@ from django.utils import timezone
 from gantry.sockets import pages_open
 from models_admin.fleet import backends, reconcile
 from models_admin.models import Backend
+from models_admin.policy_actions import Preload, unload_idle
 from models_admin.rolling import resume_stale_rolls
 from models_admin.services import WATCH_EVERY, check_backend, end_abandoned_load
 from models_admin.signals import waiting_messages
 
 log = logging.getLogger(__name__)
+_preload = Preload()  # this process's: the `preload` models are loaded once, when it starts
 
 
-def watch_round() -> float:
+def watch_round(preload: bool = True) -> float:
     """One look at the database, and a check of each TabbyAPI when one is needed; returns the seconds to
     wait. In a fleet (two backends or more) every backend is checked every second, so one that stops
-    answering leaves the rotation within seconds, and one that returns gets its desired model again."""
+    answering leaves the rotation within seconds, and one that returns gets its desired model again.
+    Then the models' policies: idle models are unloaded, and (with `preload`, in the processes that
+    start the fleet's work) the `preload` models loaded once at start."""
     fleet = backends()
     for backend in fleet:
         watch_backend(backend, every_second=len(fleet) > 1)
     if len(fleet) > 1:
         reconcile()
         resume_stale_rolls()
+    unload_idle(fleet)  # the rows as the round began: an unload is claimed on the row as it is now
+    if preload and not _preload.done:
+        _preload.round(backends())  # as the checks left them
     return WATCH_EVERY
 
 

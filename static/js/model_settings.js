@@ -10,6 +10,7 @@
   const model = form.dataset.model;
   const url = "/api/admin/models/" + encodeURIComponent(model) + "/settings";
   const fields = Array.from(form.querySelectorAll(".field")).map((el) => el.dataset.field);
+  const loadFields = Array.from(form.querySelectorAll('.field[data-group="load"]')).map((el) => el.dataset.field);
 
   function input(name) { return document.getElementById("setting-" + name); }
 
@@ -28,7 +29,7 @@
     const text = input(name).value.trim();
     if (text === "") return null;
     if (name === "system_prompt") return input(name).value;
-    if (name === "gpu_split_auto") return text === "true";
+    if (input(name).tagName === "SELECT") return text === "true" || text === "false" ? text === "true" : text;
     if (name === "gpu_split") return text.split(/[\s,]+/).filter(Boolean).map((part) => (isNaN(Number(part)) ? part : Number(part)));
     if (["cache_mode", "draft_model", "prompt_template"].includes(name)) return text;
     if (name === "rope_alpha" && text.toLowerCase() === "auto") return "auto";
@@ -59,8 +60,10 @@
       const answer = await window.gantry.api("PUT", url, body, { "X-Gantry-Source": "dashboard" });
       showErrors({});
       fill(answer.settings);
+      const loadChanged = answer.changed.some((name) => loadFields.includes(name));
       saved.textContent = answer.changed.length
-        ? "Saved: " + answer.changed.join(", ") + "." + (answer.loaded ? " Load parameters apply from the next load of " + model + "." : "")
+        ? "Saved: " + answer.changed.join(", ") + "." +
+          (answer.loaded && loadChanged ? " Load parameters apply from the next load of " + model + "." : "")
         : "Nothing changed.";
       saved.hidden = false;
     } catch (error) {

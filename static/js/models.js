@@ -49,11 +49,68 @@
     if (state.state === "switching" && state.target_model === name) status = "Loading...";
     if (state.state === "unloading" && state.active_model === name) status = "Unloading...";
     if (state.abandoned_load === name) status = "Still loading in TabbyAPI...";
-    row.querySelector(".status-cell").textContent = status;
+    row.querySelector(".status-text").textContent = status;
     row.querySelector(".switch").hidden = active;
+    const policy = policies.get(name) || {};
+    row.querySelector(".pin").hidden = !policy.pinned;
+    drawIdle(row, policy);
   }
 
+  // Model policies: the pin, and the time until an idle model is unloaded (counted down here, taken
+  // again from the server every few seconds: an answer on the model starts its idle time again).
+
+  const policies = new Map(); // model id -> {pinned, idle_unload_after, unloadAt (ms) or null}
+  const IDLE_REFETCH_MS = 5000;
+  let idleFetched = 0;
+
+  function learnPolicies(models) {
+    const now = Date.now();
+    policies.clear();
+    models.forEach((model) => {
+      const left = model.idle_unload_in;
+      policies.set(model.id, {
+        pinned: Boolean(model.pinned),
+        idle_unload_after: model.idle_unload_after,
+        unloadAt: left === null || left === undefined ? null : now + left * 1000,
+      });
+    });
+    idleFetched = now;
+  }
+
+  function clock(seconds) {
+    const whole = Math.max(0, Math.ceil(seconds));
+    const hours = Math.floor(whole / 3600);
+    const minutes = Math.floor((whole % 3600) / 60);
+    const rest = String(whole % 60).padStart(2, "0");
+    return hours ? hours + ":" + String(minutes).padStart(2, "0") + ":" + rest : minutes + ":" + rest;
+  }
+
+  function drawIdle(row, policy) {
+    const box = row.querySelector(".idle-unload");
+    const busyHere = busy() && (state.active_model === row.dataset.model || state.target_model === row.dataset.model);
+    if (policy.unloadAt === null || policy.unloadAt === undefined || busyHere) {
+      box.hidden = true;
+      box.textContent = "";
+      return;
+    }
+    const left = (policy.unloadAt - Date.now()) / 1000;
+    box.textContent = left > 0 ? "Unloads if idle in " + clock(left) : "Unloading: idle for " + clock(policy.idle_unload_after);
+    box.title = "Unloaded after " + policy.idle_unload_after + " s without a request (its idle_unload_after setting)";
+    box.hidden = false;
+  }
+
+  function tickIdle() {
+    const counting = Array.from(policies.values()).some((policy) => policy.unloadAt !== null);
+    Array.from(rowsBody.rows).forEach((row) => drawIdle(row, policies.get(row.dataset.model) || {}));
+    if (counting && Date.now() - idleFetched >= IDLE_REFETCH_MS) {
+      idleFetched = Date.now();
+      api("GET", "/api/admin/models").then((data) => drawRows(data.models)).catch(() => {});
+    }
+  }
+  setInterval(tickIdle, 1000);
+
   function drawRows(models) {
+    learnPolicies(models);
     rowsBody.replaceChildren(...models.map((model) => {
       const row = rowTemplate.content.firstElementChild.cloneNode(true);
       row.dataset.model = model.id;
@@ -224,7 +281,11 @@
 
   function onEvent(event) {
     switch (event.type) {
-      case "model.state": drawState(event); break;
+      case "model.state":
+        drawState(event);
+        // What the backends hold changed (a load, an unload): the idle times with it.
+        api("GET", "/api/admin/models").then((data) => drawRows(data.models)).catch(() => {});
+        break;
       case "model.progress": drawProgress(event); break;
       case "model.list": drawRows(event.models); break;
     }
@@ -257,6 +318,7 @@
     operation = { id: running.id, kind: running.kind, target: running.to_model };
     drawProgress({ operation_id: running.id, step: running.step, percent: running.percent, text: running.text, module: 0, modules: 0 });
   }
+  learnPolicies(JSON.parse(document.getElementById("model-rows-data").textContent));
   drawState(state);
   connect();
 })();
