@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import fleet_bench, queue_bench, site_bench, sockets_bench, switch_bench, tabby_bench  # noqa: E402
+from bench import fleet_bench, gateway_bench, queue_bench, site_bench, sockets_bench, switch_bench, tabby_bench  # noqa: E402
 
 
 def main() -> None:
@@ -16,6 +16,9 @@ def main() -> None:
     print()
     print("== Chat (site) ==")
     site_bench.main()
+    print()
+    print("== The OpenAI-compatible API (site) ==")
+    gateway_bench.main()
     print()
     print("== Idle chat pages (site) ==")
     sockets_bench.main()
