@@ -71,7 +71,6 @@ def openai_view(methods: tuple[str, ...]) -> Callable[[Any], Any]:
     return wrap
 
 
-@openai_view(("GET",))
 def _listed() -> list[str]:
     """The models served now (the default first), or the default model alone while none is (a switch)."""
     served = served_models()["served"]
@@ -79,6 +78,7 @@ def _listed() -> list[str]:
     return served if served else [default] if default else []
 
 
+@openai_view(("GET",))
 async def models(request: HttpRequest, user: Any) -> HttpResponseBase:
     """The models a request may name: those served now, the default first (during a switch, the one
     being loaded)."""
