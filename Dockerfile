@@ -55,6 +55,7 @@ COPY pyproject.toml README.md ./
 COPY gantry gantry
 COPY models_admin models_admin
 COPY chat chat
+COPY gateway gateway
 COPY tabby tabby
 COPY templates templates
 COPY static static

@@ -9,6 +9,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -246,3 +247,12 @@ def test_the_dashboard_charts_what_the_issue_asks_from_served_metrics() -> None:
 
 def named_metrics(panel: dict[str, Any]) -> set[str]:
     return {name for target in panel["targets"] for name in re.findall(r"\b(gantry_[a-z_]+|up)\b", target["expr"])}
+
+
+def test_the_image_holds_every_package_the_project_installs() -> None:
+    """The Dockerfile copies each top-level package of pyproject's `include` (an app left out of the image
+    would fail its start on Django's INSTALLED_APPS)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = sorted(pattern.rstrip("*") for pattern in project["tool"]["setuptools"]["packages"]["find"]["include"])
+    copied = set(re.findall(r"^COPY (\w+) \1$", (ROOT / "Dockerfile").read_text(), flags=re.MULTILINE))
+    assert [name for name in packages if name not in copied] == []
