@@ -276,10 +276,13 @@ def _finish(
             "backend": backend,
             "updated": now,
         }
-        if backend is not None:
-            # The model's last request on this backend: its idle time counts from here (models_admin.policies).
-            Backend.objects.filter(pk=backend.pk).update(used_at=now)
-        return bool(Message.objects.filter(pk=reply.pk).update(**fields))
+        saved = bool(Message.objects.filter(pk=reply.pk).update(**fields))
+    if backend is not None:
+        # The model's last request on this backend: its idle time counts from here (models_admin.policies).
+        # Outside the answer's transaction: the default backend's row is also the queue's claim lock, which
+        # claims would otherwise wait on while the answer's rows are written.
+        Backend.objects.filter(pk=backend.pk).update(used_at=now)
+    return saved
 
 
 def _fresh_event(message_id: int) -> dict[str, Any] | None:
