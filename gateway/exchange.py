@@ -23,6 +23,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 
 from chat import services
+from chat.balance import can_answer
 from chat.generation import cancel_here
 from chat.models import Conversation, Message
 from chat.queue import schedule_positions
@@ -30,7 +31,7 @@ from gantry.background import spawn
 from gantry.broadcast import CHAT_GROUP, conversation_group
 from gantry.serving import in_web_thread
 from gateway.openai_input import ApiError, Asked
-from models_admin.services import chat_state, served_models
+from models_admin.services import chat_state
 
 COMMENT_EVERY = 5.0  # seconds: a held request hears where it stands at least this often
 RETRY_AFTER = 30  # seconds, said to a request refused for waiting too long
@@ -64,7 +65,7 @@ Piece = Text | Comment | Restart | Ended
 def _open(user: Any, model: str | None) -> Conversation:
     """The request's conversation. A `model` served now picks it (the request goes to a backend holding
     it); any other name is read as TabbyAPI reads it: the default model answers."""
-    picked = model if model and model in served_models()["served"] else ""
+    picked = model if model and can_answer(model) else ""
     return Conversation.objects.create(owner=user, title="API request", source=Conversation.Source.API, model_name=picked)
 
 
