@@ -31,14 +31,14 @@ def unload_idle(fleet: list[Backend], now: datetime | None = None) -> list[Opera
     with an answer or an operation running, nor during a fleet switch); returns the unloads begun."""
     now = now or timezone.now()
     ready = [backend for backend in fleet if backend.is_ready]
-    if not ready or Roll.objects.filter(status=Operation.Status.RUNNING).exists():
+    policies = policies_of(backend.active_model for backend in ready) if ready else {}
+    due = [b for b in ready if policies[b.active_model].idle_unload_after and idle_due(b, now, policies[b.active_model])]
+    # Asked only when something is due: this runs every second in every watcher.
+    if not due or Roll.objects.filter(status=Operation.Status.RUNNING).exists():
         return []
-    policies = policies_of(backend.active_model for backend in ready)
     begun = []
-    for backend in ready:
+    for backend in due:
         policy = policies[backend.active_model]
-        if not policy.idle_unload_after or not idle_due(backend, now, policy):
-            continue
         # One process claims the unload: the clocks it read are still the row's (no answer ended since). The
         # claim restarts the idle clock, so an unload refused below is tried again after another idle time.
         claimed = Backend.objects.filter(
