@@ -199,3 +199,27 @@ def broadcast(group: str, event: Event) -> None:
             asyncio.run_coroutine_threadsafe(abroadcast(group, event), loop).result(timeout=30)
             return
     async_to_sync(abroadcast)(group, event)
+
+
+class Listening:
+    """A channel's events, with one receive kept running across timeouts: cancelling a receive may lose
+    the message it was taking (and Redis's publish/subscribe layer unsubscribes a cancelled one)."""
+
+    def __init__(self, layer: Any, channel: str) -> None:
+        self.layer, self.channel = layer, channel
+        self._receiving: asyncio.Future[dict[str, Any]] | None = None
+
+    async def next(self, timeout: float) -> dict[str, Any] | None:
+        """The next event, or None when none came within `timeout` seconds."""
+        if self._receiving is None:
+            self._receiving = asyncio.ensure_future(self.layer.receive(self.channel))
+        done, _ = await asyncio.wait({self._receiving}, timeout=max(0.0, timeout))
+        if not done:
+            return None
+        event, self._receiving = self._receiving.result(), None
+        return event
+
+    def close(self) -> None:
+        if self._receiving is not None:
+            self._receiving.cancel()
+            self._receiving = None

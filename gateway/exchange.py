@@ -11,7 +11,6 @@ gone), the conversation is deleted: an answer still running stops within a secon
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from chat.generation import cancel_here
 from chat.models import Conversation, Message
 from chat.queue import schedule_positions
 from gantry.background import spawn
-from gantry.broadcast import CHAT_GROUP, conversation_group
+from gantry.broadcast import CHAT_GROUP, Listening, conversation_group
 from gantry.serving import in_web_thread
 from gateway.openai_input import ApiError, Asked
 from models_admin.services import chat_state
@@ -123,7 +122,7 @@ class Exchange:
         self.state: dict[str, Any] | None = None
         self.error = ""
         self.model = ""
-        self._receiving: asyncio.Task[dict[str, Any]] | None = None
+        self.listening: Listening | None = None
 
     async def open(self) -> None:
         """Post the request to the queue (listening first, so no event of it is missed); a full queue is
@@ -131,6 +130,7 @@ class Exchange:
         conversation = await in_web_thread(_open, self.user, self.asked.model)
         self.conversation_id = conversation.pk
         self.channel = await self.layer.new_channel()
+        self.listening = Listening(self.layer, self.channel)
         self.groups = [conversation_group(conversation.pk), CHAT_GROUP]
         for group in self.groups:
             await self.layer.group_add(group, self.channel)
@@ -148,8 +148,8 @@ class Exchange:
     def close(self) -> None:
         """Stop listening and discard the request (from anywhere, a cancelled task included: the work is
         spawned, never awaited here)."""
-        if self._receiving is not None:
-            self._receiving.cancel()
+        if self.listening is not None:
+            self.listening.close()
         conversation_id, self.conversation_id = self.conversation_id, None
         spawn(self._leave(list(self.groups), self.channel, conversation_id))
 
@@ -160,14 +160,8 @@ class Exchange:
             await sync_to_async(discard)(conversation_id)
 
     async def _next_event(self, timeout: float) -> dict[str, Any] | None:
-        # One receive, kept across timeouts: cancelling a receive may lose the message it was taking.
-        if self._receiving is None:
-            self._receiving = asyncio.get_running_loop().create_task(self.layer.receive(self.channel))
-        done, _ = await asyncio.wait([self._receiving], timeout=timeout)
-        if not done:
-            return None
-        event, self._receiving = self._receiving.result(), None
-        return event
+        assert self.listening is not None, "open() first"
+        return await self.listening.next(timeout)
 
     def _check_hold(self) -> None:
         limit = settings.GANTRY_HOLD_TIMEOUT

@@ -17,7 +17,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from gantry.background import dispatch
-from gantry.broadcast import MODELS_GROUP
+from gantry.broadcast import MODELS_GROUP, Listening
 from gantry.serving import in_web_thread
 from models_admin import tasks
 from models_admin.models import Backend, LanguageModel, Operation
@@ -184,15 +184,16 @@ async def wait_for_end(operation_id: int, events: bool = True, check_every: floa
     channel = await layer.new_channel() if layer is not None else None
     if channel is not None:
         await layer.group_add(MODELS_GROUP, channel)  # before the first read: no state event is missed
-    listener = _Listener(layer, channel)
+    listening = Listening(layer, channel) if channel is not None else None
     try:
         while True:
             operation = await in_web_thread(_ended_or_none, operation_id)
             if operation is not None:
                 return operation
-            await listener.state_event(check_every)
+            await _state_event(listening, check_every)
     finally:
-        listener.close()
+        if listening is not None:
+            listening.close()
         if channel is not None:
             await layer.group_discard(MODELS_GROUP, channel)
 
@@ -214,30 +215,13 @@ def _ended_or_none(operation_id: int) -> Operation | None:
     return None if operation.status == Operation.Status.RUNNING else operation
 
 
-class _Listener:
-    """The wait's channel, with one receive kept running across timeouts: a receive cut off by a timeout
-    could lose the event it was taking (and Redis's publish/subscribe layer unsubscribes a cancelled one)."""
-
-    def __init__(self, layer: Any, channel: str | None) -> None:
-        self.layer, self.channel = layer, channel
-        self.receiving: asyncio.Future[Any] | None = None
-
-    async def state_event(self, timeout: float) -> None:
-        """Return at the next model.state or backend.state event, or after `timeout` seconds."""
-        if self.channel is None:
-            await asyncio.sleep(timeout)
+async def _state_event(listening: Listening | None, timeout: float) -> None:
+    """Return at the next model.state or backend.state event, or after `timeout` seconds."""
+    if listening is None:
+        await asyncio.sleep(timeout)
+        return
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (left := deadline - asyncio.get_running_loop().time()) > 0:
+        event = await listening.next(left)
+        if event is None or event["type"] in ("model.state", "backend.state"):
             return
-        deadline = asyncio.get_running_loop().time() + timeout
-        while (left := deadline - asyncio.get_running_loop().time()) > 0:
-            if self.receiving is None:
-                self.receiving = asyncio.ensure_future(self.layer.receive(self.channel))
-            done, _ = await asyncio.wait({self.receiving}, timeout=left)
-            if not done:
-                return
-            event, self.receiving = self.receiving.result(), None
-            if event["type"] in ("model.state", "backend.state"):
-                return
-
-    def close(self) -> None:
-        if self.receiving is not None:
-            self.receiving.cancel()
