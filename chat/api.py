@@ -10,7 +10,9 @@ from typing import Any
 
 from django.contrib.auth import logout
 from django.core.exceptions import ValidationError
+from django.http import HttpRequest, JsonResponse
 from django.shortcuts import get_object_or_404
+from django.views.decorators.http import require_GET
 from rest_framework import status
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.exceptions import PermissionDenied
@@ -19,7 +21,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from chat import services
+from chat import services, usage
 from chat.accounts import LoginRefused, log_in
 from chat.models import Conversation, Message
 from chat.serializers import ConversationSerializer, MessageSerializer
@@ -153,3 +155,29 @@ class Logout(ChatAPIView):
     def post(self, request: Request) -> Response:
         logout(request._request)
         return Response({"detail": "Logged out."})
+
+
+# The Admin Dashboard's Usage tab
+
+
+def usage_days(given: str | None) -> int:
+    """The period asked for, in days (today included); 30 when none is given."""
+    if given is None:
+        return 30
+    if not given.strip().isdigit() or not 1 <= int(given) <= usage.MAX_DAYS:
+        raise ValidationError(f"days is a whole number of days from 1 to {usage.MAX_DAYS}, like ?days=30.")
+    return int(given)
+
+
+@require_GET
+def usage_report(request: HttpRequest) -> JsonResponse:
+    """`GET /api/admin/usage?days=N`: every user's usage by model over the last N days, and each day's."""
+    if not request.user.is_authenticated:
+        return JsonResponse({"detail": "Log in as an admin first (POST /api/auth/login)."}, status=401)
+    if not request.user.is_staff:
+        return JsonResponse({"detail": "Only admins can read the usage."}, status=403)
+    try:
+        days = usage_days(request.GET.get("days"))
+    except ValidationError as exc:
+        return JsonResponse({"detail": " ".join(exc.messages)}, status=400)
+    return JsonResponse(dict(usage.report(days)))

@@ -24,6 +24,7 @@ from chat.balance import others_for
 from chat.models import Message
 from chat.prompts import asked, history
 from chat.streaming import Pace, Prompt, Stopped, opened, relay, too_long
+from chat.usage import Spent, record
 from gantry.background import spawn
 from gantry.broadcast import DoneEvent, ErrorEvent, Event, MessageEvent, abroadcast, broadcast, conversation_group
 from models_admin.models import Backend
@@ -44,11 +45,13 @@ _heartbeat_task: asyncio.Task[None] | None = None
 
 @dataclass
 class Answer:
-    """A question being answered and its answer's row; `also` are more events for its announcement."""
+    """A question being answered and its answer's row; `also` are more events for its announcement;
+    `held`: seconds from its (last) queuing to its claim (none for a message answered as it is posted)."""
 
     question: Message
     reply: Message
     also: Sequence[tuple[str, Event]] = ()
+    held: float = 0.0
 
 
 @dataclass
@@ -72,12 +75,14 @@ def claim(question: Message, backend: Backend) -> Claimed | None:
     queued = Message.objects.filter(pk=question.pk, status=Message.Status.QUEUED)
     if not queued.update(status=Message.Status.GENERATING, updated=now, backend=backend):
         return None
+    # A queued message's `updated` is when it was (last) queued: sent, queued again, or sent again with Retry.
+    held = max(0.0, (now - question.updated).total_seconds())
     question.status, question.updated, question.backend = Message.Status.GENERATING, now, backend
     if question.request is not None:
         turns = asked(question.request, backend.active_model)
     else:
         turns = history(question.conversation_id, question.content, before=question.created, model=backend.active_model)
-    return Claimed(Answer(question, answer_row(question)), backend, turns)
+    return Claimed(Answer(question, answer_row(question), held=held), backend, turns)
 
 
 def answer_row(question: Message, answered_before: bool = True) -> Message:
@@ -240,7 +245,8 @@ async def _ended(
         await abroadcast(group, DoneEvent(type="chat.done", message_id=reply.pk, status=Message.Status.CANCELLED))
         then()
         return
-    if not await _finish(question, reply, content, status, error, model, backend):
+    spent = pace.spent(answer.held) if status == Message.Status.DONE else None
+    if not await _finish(question, reply, content, status, error, model, backend, spent):
         then()  # the conversation was deleted while its answer streamed: nothing left to save or show
         return
     if status == Message.Status.FAILED:
@@ -257,10 +263,17 @@ async def _ended(
 
 @sync_to_async
 def _finish(
-    question: Message, reply: Message, content: str, status: str, error: str = "", model: str = "", backend: Backend | None = None
+    question: Message,
+    reply: Message,
+    content: str,
+    status: str,
+    error: str = "",
+    model: str = "",
+    backend: Backend | None = None,
+    spent: Spent | None = None,
 ) -> bool:
-    """Save the ended answer, with the backend and model that gave it; False when its rows are gone (its
-    conversation was deleted meanwhile)."""
+    """Save the ended answer, with the backend and model that gave it, and count an answered one in its
+    user's usage; False when its rows are gone (its conversation was deleted meanwhile)."""
     with transaction.atomic():
         # A Stop that landed first keeps its "cancelled".
         Message.objects.filter(pk=question.pk, status=Message.Status.GENERATING).update(status=status, error=error)
@@ -282,6 +295,10 @@ def _finish(
         # Outside the answer's transaction: the default backend's row is also the queue's claim lock, which
         # claims would otherwise wait on while the answer's rows are written.
         Backend.objects.filter(pk=backend.pk).update(used_at=now)
+    if saved and spent is not None:
+        # Also after the transaction, in one statement: before the answer's end is announced, as an API
+        # request's conversation (whose owner it counts for) goes once its caller has the end.
+        record(question.conversation_id, reply.model_name or (backend.active_model if backend else ""), spent)
     return saved
 
 

@@ -163,3 +163,30 @@ class Message(models.Model):
             "model_name": self.model_name,
             "created": self.created.isoformat(),
         }
+
+
+class Usage(models.Model):
+    """What one user's answers by one model cost on one day (the site's time zone): counters the end of
+    each answer adds to (chat.usage.record), one row a user, model and day.
+
+    Kept apart from the messages: an API request's conversation is deleted when the request ends, and
+    chat's conversations may be deleted too; what they used stays counted."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    model_name = models.CharField(max_length=200)
+    day = models.DateField()
+    requests = models.PositiveBigIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    # From the question's post (or its last queuing) to its answer's request to the model server, and
+    # from there to the answer's end, in seconds.
+    hold_seconds = models.FloatField(default=0.0)
+    generation_seconds = models.FloatField(default=0.0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "model_name", "day"], name="usage_per_user_model_day")]
+        indexes = [models.Index(fields=["day"])]
+        verbose_name_plural = "usage"
+
+    def __str__(self) -> str:
+        return f"{self.user_id} {self.model_name} {self.day}"

@@ -143,12 +143,9 @@ def claim_next() -> Claimed | None:
             backend = backends[model]
             if backend is None:
                 continue  # held until a backend holding its model is ready
-            # A queued message's `updated` is when it was (last) queued: sent, queued again after an
-            # interruption, or sent again with Retry. Claiming it sets `updated` to the release time.
-            queued_at = message.updated
             claimed = claim(message, backend)
             if claimed is not None:
-                HOLD_SECONDS.observe(max(0.0, (message.updated - queued_at).total_seconds()))
+                HOLD_SECONDS.observe(claimed.answer.held)
                 return claimed
             busy.add(message.conversation_id)
     return None

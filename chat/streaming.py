@@ -14,6 +14,7 @@ from django.conf import settings
 
 from chat.growing import track, untrack
 from chat.models import Message
+from chat.usage import Spent
 from gantry.broadcast import TokenEvent, abroadcast, conversation_group
 from gantry.metrics import FIRST_TOKEN_SECONDS, TOKENS_PER_SECOND
 from models_admin.clients import answer_client
@@ -49,6 +50,17 @@ class Pace:
             self.first = self.last
             FIRST_TOKEN_SECONDS.labels(model or "unknown").observe(self.first - self.started)
         self.pieces += 1
+
+    def spent(self, held: float) -> Spent:
+        """What an answer that ended by itself cost: the model server's token counts (without them, the
+        pieces streamed), `held` seconds before its request, and the time from its request to now."""
+        usage = self.usage or {}
+        return Spent(
+            prompt_tokens=usage.get("prompt_tokens", 0),
+            completion_tokens=usage.get("completion_tokens", self.pieces),
+            hold_seconds=held,
+            generation_seconds=time.monotonic() - self.started,
+        )
 
     def ended(self, model: str) -> None:
         tokens = self.tokens or self.pieces

@@ -17,4 +17,6 @@ urlpatterns = [
     path("api/conversations/<int:conversation_id>/messages/", api.MessageList.as_view()),
     path("api/messages/<int:message_id>/stop/", api.MessageStop.as_view()),
     path("api/messages/<int:message_id>/retry/", api.MessageRetry.as_view()),
+    path("admin/usage/", views.usage_tab, name="usage-tab"),
+    path("api/admin/usage", api.usage_report),
 ]

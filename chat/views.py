@@ -1,15 +1,19 @@
-"""Server-rendered pages: login, logout and the chat page."""
+"""Server-rendered pages: login, logout, the chat page, and the Admin Dashboard's Usage tab."""
 
 from __future__ import annotations
 
+from django.contrib.admin.views.decorators import staff_member_required
 from django.contrib.auth import logout
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, render
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
+from chat import usage
 from chat.accounts import MAX_USERNAME, LoginRefused, log_in
+from chat.api import usage_days
 from chat.models import Conversation
 from gantry import origins
 from gantry.parsers import is_storable
@@ -53,3 +57,19 @@ def chat_page(request: HttpRequest, conversation_id: int | None = None) -> HttpR
         "chat/chat.html",
         {"conversations": conversations, "current": current, "model": chat_state(backend), "models": served_models()},
     )
+
+
+USAGE_PERIODS = [(1, "Today"), (7, "Last 7 days"), (30, "Last 30 days"), (90, "Last 90 days"), (365, "Last 365 days")]
+
+
+@staff_member_required(login_url="/login/")
+def usage_tab(request: HttpRequest) -> HttpResponse:
+    """Every user's usage by model over a period (`?days=N`, 30 by default) and a chart of each day's
+    tokens; the page asks the API again when another period is picked."""
+    try:
+        days = usage_days(request.GET.get("days"))
+    except ValidationError:
+        days = 30
+    periods = USAGE_PERIODS if any(n == days for n, _ in USAGE_PERIODS) else [*USAGE_PERIODS, (days, f"Last {days} days")]
+    context = {"tab": "usage", "report": usage.report(days), "days": days, "periods": periods}
+    return render(request, "chat/usage.html", context)

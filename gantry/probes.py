@@ -1,4 +1,5 @@
-"""Operations endpoints: `/healthz` (the process lives), `/readyz` (what it needs answers) and `/metrics`.
+"""Operations endpoints: `/healthz` (the process lives), `/readyz` (what it needs answers: the
+database, the channel layer, and a model server in rotation, each backend's health in the body) and `/metrics`.
 
 Probes and Prometheus address a process by its container name or IP address and talk plain HTTP inside
 the network, so `ProbesMiddleware` (gantry.middleware) answers the probes, and `/metrics` asked with a
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from channels.layers import get_channel_layer
@@ -30,7 +31,16 @@ PROBE_TIMEOUT = 2.0  # seconds a readiness check may take before it counts as fa
 
 
 class NotReady(Exception):
-    """A readiness check failed; the message is the sentence /readyz shows."""
+    """A readiness check failed; the message is the sentence /readyz shows, `details` more of the body
+    (as a passing check returns them)."""
+
+    def __init__(self, sentence: str, details: Mapping[str, Any] | None = None) -> None:
+        super().__init__(sentence)
+        self.details = dict(details or {})
+
+
+# A check raises NotReady with a sentence, or passes; either way it may add details to the body.
+Check = Callable[[], Mapping[str, Any] | None]
 
 
 # Readiness checks
@@ -67,11 +77,12 @@ def channel_layer() -> None:
         raise NotReady("The channel layer (Redis) does not answer.") from exc
 
 
-CHECKS: dict[str, Callable[[], None]] = {"database": database, "channel_layer": channel_layer}
+CHECKS: dict[str, Check] = {"database": database, "channel_layer": channel_layer}
 
 
-def add_check(name: str, check: Callable[[], None]) -> None:
-    """Make `check` (raising NotReady with a sentence) part of /readyz."""
+def add_check(name: str, check: Check) -> None:
+    """Make `check` (raising NotReady with a sentence) part of /readyz; what it returns (or its NotReady's
+    `details`) goes into the body beside `checks`."""
     CHECKS[name] = check
 
 
@@ -86,18 +97,20 @@ def healthz(request: HttpRequest) -> HttpResponse:
 def readyz(request: HttpRequest) -> HttpResponse:
     """200 when every check passes; else 503 naming the ones that failed, each with its sentence."""
     results: dict[str, str] = {}
+    details: dict[str, Any] = {}
     for name, check in CHECKS.items():
         try:
-            check()
+            details.update(check() or {})
         except NotReady as exc:
             results[name] = str(exc)
+            details.update(exc.details)
         else:
             results[name] = "ok"
     failed = [name for name, result in results.items() if result != "ok"]
     if not failed:
-        return JsonResponse({"status": "ready", "checks": results})
+        return JsonResponse({"status": "ready", "checks": results, **details})
     detail = " ".join(results[name] for name in failed)
-    return JsonResponse({"status": "not ready", "detail": detail, "failed": failed, "checks": results}, status=503)
+    return JsonResponse({"status": "not ready", "detail": detail, "failed": failed, "checks": results, **details}, status=503)
 
 
 @functools.cache
