@@ -37,6 +37,7 @@ def test_readyz_names_the_model_server_when_it_does_not_answer(site: Site) -> No
         "detail": DOWN,
         "failed": ["model_server"],
         "checks": {"database": "ok", "channel_layer": "ok", "model_server": DOWN},
+        "backends": {"default": {"health": "The model server does not answer its health check.", "in_rotation": True}},
     }
 
 

@@ -180,7 +180,11 @@ def test_readyz_names_redis_and_then_the_database_when_they_go_away(stack: Stack
     one, two = stack.web
     ready = httpx.get(one.url + "/readyz", timeout=30)
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "checks": {"database": "ok", "channel_layer": "ok", "model_server": "ok"}}
+    assert ready.json() == {
+        "status": "ready",
+        "checks": {"database": "ok", "channel_layer": "ok", "model_server": "ok"},
+        "backends": {"default": {"health": "ok", "in_rotation": True}},
+    }
 
     redis.Redis.from_url(stack.redis_url).shutdown(nosave=True)
     without_redis = httpx.get(two.url + "/readyz", timeout=30)
