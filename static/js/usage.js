@@ -22,6 +22,7 @@
   }
 
   function duration(seconds) {
+    if (seconds === 0) return "0 s";
     if (seconds < 60) return (seconds < 10 ? seconds.toFixed(2) : seconds.toFixed(1)) + " s";
     const minutes = Math.floor(seconds / 60);
     if (minutes < 60) return minutes + " min " + Math.round(seconds - minutes * 60) + " s";
