@@ -20,8 +20,8 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from gantry.metrics import histogram
 from gantry.probes import PROBE_TIMEOUT, NotReady
+from models_admin import fleet
 from models_admin.models import DEFAULT_BACKEND, Backend, Operation
-from models_admin.services import default_backend
 from models_admin.signals import running_answers
 from models_admin.tabby_client import TabbyClient, TabbyConfig
 from models_admin.tabby_errors import BackendError
@@ -94,8 +94,7 @@ def fleet_backends() -> list[Backend]:
     """Every backend, the default first. Without the database (which its own check reports), the default
     alone, the server of TABBY_HOST, still asked: /readyz names what is gone, not more."""
     try:
-        default = default_backend()
-        return [default, *Backend.objects.exclude(pk=default.pk).order_by("name")]
+        return fleet.backends()
     except DatabaseError:
         return [Backend(name=DEFAULT_BACKEND)]
 

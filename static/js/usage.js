@@ -133,6 +133,10 @@
       }
       svg.append(group);
     });
+    if (!most) {
+      svg.append(element("text", { x: left + plotWidth / 2, y: top + plotHeight / 2, class: "chart-empty", "text-anchor": "middle" },
+        "No tokens in this period"));
+    }
     chart.replaceChildren(svg);
     chart.setAttribute("aria-label", "Tokens per day, " + dayLabel(report.since) + " to " + dayLabel(report.until)
       + ": " + number.format(report.totals.prompt_tokens + report.totals.completion_tokens) + " in all");

@@ -45,6 +45,19 @@ def row_of(report: dict[str, Any], user: str) -> dict[str, Any]:
     return next(row for row in report["rows"] if (row["user"], row["model"]) == (user, TINY))
 
 
+def test_the_usage_tab_says_when_nothing_was_answered(page: Page) -> None:
+    """Before any answer (this module's site is new; the next test makes the answers)."""
+    log_in(page, ADMIN)
+    page.goto("/admin/usage/")
+    expect(page.locator("#usage-empty")).to_have_text("No answers in this period. Usage is counted as each answer ends.")
+    expect(page.locator("#usage-chart .chart-empty")).to_have_text("No tokens in this period")
+    expect(page.locator("#usage-chart svg g.day")).to_have_count(30)
+    expect(page.locator("#usage-chart rect.bar")).to_have_count(0)
+    expect(page.locator('[data-total="requests"]')).to_have_text("0")
+    expect(page.locator('[data-total="hold_seconds"]')).to_have_text("0 s")
+    expect(page.locator("tr.usage-row")).to_have_count(0)
+
+
 def test_the_usage_tab_shows_the_table_and_the_chart(page: Page, site: Site, usage: dict[str, Any]) -> None:
     elsewhere: list[str] = []
     page.on("request", lambda request: None if request.url.startswith(site.url) else elsewhere.append(request.url))
@@ -67,6 +80,7 @@ def test_the_usage_tab_shows_the_table_and_the_chart(page: Page, site: Site, usa
         expect(shown.locator(".completion-tokens")).to_have_text(f"{row['completion_tokens']:,}")
         expect(shown.locator(".generation")).to_contain_text("per request")
     expect(page.locator("#usage-empty")).to_be_hidden()
+    expect(page.locator("#usage-chart .chart-empty")).to_have_count(0)
 
     # Thirty days, today's bar the only one, its two parts in proportion to its tokens.
     days = page.locator("#usage-chart svg g.day")
