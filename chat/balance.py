@@ -9,11 +9,10 @@ unless its user picked another (`Conversation.model_name`).
 from __future__ import annotations
 
 from django.conf import settings
-from django.db.models import Count, F, OuterRef, Subquery
-from django.db.models.functions import Coalesce
+from django.db.models import F
 from django.utils import timezone
 
-from chat.models import Conversation, Message
+from chat.models import Message
 from models_admin.models import Backend
 from models_admin.services import default_backend
 
@@ -33,8 +32,7 @@ def model_for(picked: str, default: Backend | None = None) -> str:
 
 def conversation_model(conversation_id: int, default: Backend | None = None) -> str:
     """The model answering a conversation now ("" when it no longer exists, or no model is known)."""
-    picked = Conversation.objects.filter(pk=conversation_id).values_list("model_name", flat=True).first()
-    return model_for(picked or "", default)
+    return model_for(Message.objects.model_picked(conversation_id) or "", default)
 
 
 def serving(model: str) -> list[Backend]:
@@ -55,16 +53,11 @@ def pick(model: str) -> Backend | None:
     Called under the claim lock (the default backend's row): the counts stay true until the claim."""
     if not model:
         return None
-    # The candidates and their running answers in one statement: it runs under the claim lock for every
-    # new message.
-    answering = Message.objects.answering().filter(backend=OuterRef("pk")).order_by().values("backend")
-    counted = answering.annotate(n=Count("id")).values("n")
-    ready = Backend.objects.filter(state=Backend.State.READY, in_rotation=True, active_model=model)
-    ready = ready.annotate(running=Coalesce(Subquery(counted), 0))
-    candidates = list(ready.order_by(F("routed_at").asc(nulls_first=True), "id"))
-    if not candidates:
+    serving_now = Message.objects.serving(model)  # with their running answers, in one statement
+    if not serving_now:
         return None
-    running = {backend.pk: backend.running for backend in candidates}
+    candidates = [backend for backend, _ in serving_now]
+    running = {backend.pk: count for backend, count in serving_now}
     limit = settings.GANTRY_MAX_CONCURRENT_GENERATIONS
     free = [backend for backend in candidates if running.get(backend.pk, 0) < limit]
     if not free:
