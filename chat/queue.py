@@ -40,25 +40,26 @@ def waiting() -> Any:
     return Message.objects.filter(role=Message.Role.USER, status=Message.Status.QUEUED)
 
 
-def admit(conversation_id: int, model: str) -> Backend | None:
-    """For a new message for `model`, under the claim lock (`default_backend(locked=True)`): refuse it
-    when the queue or its author's share of it is full; else the backend that answers it at once (one
-    holding the model is ready with a free slot, its conversation has no answer under way, and nothing
-    for the same model waits ahead of it), or None: it is queued."""
+def admit(conversation_id: int, model: str, default: Backend | None = None) -> Backend | None:
+    """For a new message for `model`, under the claim lock (`default`: the default backend's row, read
+    with `default_backend(locked=True)`): refuse it when the queue or its author's share of it is full;
+    else the backend that answers it at once (one holding the model is ready with a free slot, its
+    conversation has no answer under way, and nothing for the same model waits ahead of it), or None: it
+    is queued."""
     waiting, _, here, mine = Message.objects.counts_for_new_message(conversation_id)
     _refuse_when_full(waiting, mine)
-    if here or (waiting and model in waiting_models()):
+    if here or (waiting and model in waiting_models(default)):
         return None
     return pick(model)
 
 
-def waiting_models() -> set[str]:
+def waiting_models(default: Backend | None = None) -> set[str]:
     """The models the queued messages wait for (messages for other models are not held behind them)."""
     # Without the messages' ordering, DISTINCT gives one row per picked model, not one per message; and the
     # default model is looked up once, not once a row: both run under the claim lock for each new message.
     picked = set(waiting().order_by().values_list("conversation__model_name", flat=True).distinct())
-    default = model_for("") if "" in picked else ""
-    return {name or default for name in picked}
+    default_name = model_for("", default) if "" in picked else ""
+    return {name or default_name for name in picked}
 
 
 def check_room(conversation_id: int) -> None:

@@ -177,8 +177,8 @@ def _save_question(
     once (the usual case: nothing waits, so it is claimed as it is saved, under the claim lock as any
     claim; otherwise the queue's order decides, after the commit). With `early`, the answer's request
     goes out first: only what it needs is read before it."""
-    default_backend(locked=True)  # the claim lock
-    backend = admit(conversation_id, conversation_model(conversation_id))
+    default = default_backend(locked=True)  # the claim lock
+    backend = admit(conversation_id, conversation_model(conversation_id, default), default)
     answer_now = backend is not None
     if backend is not None and early is not None:
         early.send(_prompt(conversation_id, content, request, backend.active_model), then=wake, backend=backend)

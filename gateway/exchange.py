@@ -68,8 +68,11 @@ def _open(user: Any, model: str | None) -> Conversation:
     return Conversation.objects.create(owner=user, title="API request", source=Conversation.Source.API, model_name=picked)
 
 
-def _post(conversation: Conversation, asked: Asked) -> Message:
-    return services.post_message(conversation.pk, asked.content, request=asked.request)
+def _post(conversation: Conversation, asked: Asked) -> tuple[Message, str]:
+    """The request's question, and the model of the backend answering it ("" while it is held): known
+    here, the first token need not look it up."""
+    question = services.post_message(conversation.pk, asked.content, request=asked.request)
+    return question, question.backend.active_model if question.backend is not None else ""
 
 
 def discard(conversation_id: int) -> None:
@@ -135,7 +138,7 @@ class Exchange:
         for group in self.groups:
             await self.layer.group_add(group, self.channel)
         try:
-            question = await in_web_thread(_post, conversation, self.asked)
+            question, self.model = await in_web_thread(_post, conversation, self.asked)
         except ValidationError as exc:
             self.close()
             raise ApiError(429, " ".join(exc.messages), kind="rate_limit_error", code="queue_full") from None
