@@ -135,32 +135,32 @@ class TorchEngine:
 
     def load_gen(self) -> Iterator[tuple[int, int]]:
         from transformers import AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
 
         self.template = named_template(self.model_dir, self.options.prompt_template, self.load.notes)
         for note in self.load.notes:
             log.warning("Loading %s: %s", self.model_name, note)
         entries = self.tensors
-        with torch.device("meta"):
+        # No allocation and no random initialisation of parameters about to be overwritten by the files'.
+        with torch.device("meta"), no_init_weights():
             model = AutoModelForCausalLM.from_config(self.hf_config, dtype=torch.float32)
         # The tokenizer is parsed beside the reads (started once the model code is imported), and is in
         # place before the last step makes the model ready.
         with ThreadPoolExecutor(1, thread_name_prefix="read-tokenizer") as side:
             tokenizer = side.submit(self._read_tokenizer)
-            expected = list(model.state_dict().keys())
-            present = [name for name in expected if name in entries]
-            groups = module_groups(present)
+            present = [name for name in model.state_dict() if name in entries]
+            groups = [{name: entries[name] for name in names} for _, names in module_groups(present)]
             # Read with as many threads as the engine computes with (the `cpu_threads` setting), into one
             # block laid out for every tensor the model takes.
             reserve = block_size({name: entries[name] for name in present})
             reader = WeightReader(self.options.load_throttle_mbps, threads=torch.get_num_threads(), reserve=reserve)
             try:
-                for k, (_, names) in enumerate(groups, start=1):
+                for k, module in enumerate(reader.read_modules(groups), start=1):
                     if tokenizer.done():
                         tokenizer.result()  # an unreadable tokenizer fails the load now, not after the reads
                     # The tensors become the parameters as read (assign=True); only other dtypes are converted.
-                    tensors = {name: t.to(torch.float32) for name, t in reader.read_module({n: entries[n] for n in names}).items()}
-                    _assign(model, tensors)
-                    del tensors
+                    _assign(model, {name: t.to(torch.float32) for name, t in module.items()})
+                    del module
                     if k == len(groups):  # the last step also makes the model ready to answer
                         self.tokenizer = tokenizer.result()
                         self._finish_model(model)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -14,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from tabby.engines import torch_engine
 from tabby.engines.base import LoadOptions, ModelFolderError
 from tabby.engines.torch_engine import TorchEngine, module_groups
-from tabby.engines.weights import TensorEntry, WeightReader, block_size, index_tensors
+from tabby.engines.weights import READ_AHEAD, TensorEntry, WeightReader, block_size, index_tensors
 from tests.tabby.conftest import SMALL, TINY
 
 
@@ -28,8 +29,8 @@ def read_all(folder: Path, threads: int = 2, throttle_mbps: float = 0.0, reserve
     reader = WeightReader(throttle_mbps, threads=threads, reserve=block_size(entries) if reserve else 0)
     try:
         tensors: dict[str, torch.Tensor] = {}
-        for _, names in module_groups(list(entries)):
-            tensors.update(reader.read_module({name: entries[name] for name in names}))
+        for module in reader.read_modules({name: entries[name] for name in names} for _, names in module_groups(list(entries))):
+            tensors.update(module)
         return tensors
     finally:
         reader.close()
@@ -162,27 +163,49 @@ def test_a_whole_load_lands_in_huge_pages(demo_models: Path) -> None:
 
 
 def test_the_engine_loads_the_files_weights_one_module_per_step(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    reads: list[list[str]] = []
+    started: list[list[str]] = []
+    handed_out: list[dict[str, torch.Tensor]] = []
 
     class RecordingReader(WeightReader):
-        def read_module(self, entries: Mapping[str, TensorEntry]) -> dict[str, torch.Tensor]:
-            reads.append(list(entries))
-            return super().read_module(entries)
+        def _start(self, entries: Mapping[str, TensorEntry]) -> Any:
+            started.append(list(entries))
+            return super()._start(entries)
+
+        def read_modules(self, modules: Iterable[Mapping[str, TensorEntry]]) -> Iterator[dict[str, torch.Tensor]]:
+            for module in super().read_modules(modules):
+                handed_out.append(module)
+                yield module
 
     monkeypatch.setattr(torch_engine, "WeightReader", RecordingReader)
+    expected = load_file(tiny_dir / "model.safetensors")
     engine = TorchEngine(tiny_dir, LoadOptions())
     steps = []
     for k, n in engine.load_gen():
-        assert len(reads) == k  # step k comes after module k is read, and before module k+1 is
+        assert len(handed_out) == k  # step k comes once module k is read
+        assert all(torch.equal(tensor, expected[name]) for name, tensor in handed_out[-1].items())  # all of it
+        assert len(started) <= k + READ_AHEAD  # the reads run only a few modules ahead of the steps
         steps.append((k, n))
-    assert steps == [(k, len(reads)) for k in range(1, len(reads) + 1)]
-    assert len(reads) == 1 + 2 * engine.hf_config.num_hidden_layers + 2
-    expected = load_file(tiny_dir / "model.safetensors")
-    assert sorted(name for names in reads for name in names) == sorted(expected)  # each tensor read once
+    assert steps == [(k, len(started)) for k in range(1, len(started) + 1)]
+    assert len(started) == 1 + 2 * engine.hf_config.num_hidden_layers + 2
+    assert sorted(name for names in started for name in names) == sorted(expected)  # each tensor read once
     state = engine.model.state_dict()
     for name, tensor in expected.items():
         assert torch.equal(state[name], tensor), name
     engine.unload()
+
+
+def test_a_module_handed_out_is_complete_while_the_next_ones_are_read(tiny_dir: Path) -> None:
+    entries = index_tensors(tiny_dir)
+    modules = [{name: entries[name] for name in names} for _, names in module_groups(list(entries))]
+    expected = load_file(tiny_dir / "model.safetensors")
+    reader = WeightReader(threads=2, reserve=block_size(entries))
+    reading = reader.read_modules(modules)
+    first = next(reading)
+    assert first.keys() == modules[0].keys()
+    for name, tensor in first.items():
+        assert torch.equal(tensor, expected[name]), name
+    reading.close()  # a load that stops early: the reads under way end quietly
+    reader.close()
 
 
 def test_a_model_in_half_precision_loads_in_float32_with_the_files_values(tiny_dir: Path, tmp_path: Path) -> None:
