@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tabby.engines import torch_engine
-from tabby.engines.base import LoadOptions, ModelFolderError
+from tabby.engines.base import LoadOptions, ModelFolderError, SamplingParams
 from tabby.engines.torch_engine import TorchEngine, module_groups
 from tabby.engines.weights import READ_AHEAD, TensorEntry, WeightReader, block_size, index_tensors
 from tests.tabby.conftest import SMALL, TINY
@@ -133,7 +135,10 @@ def test_a_module_that_does_not_fit_the_reserve_gets_memory_of_its_own(tiny_dir:
     entries = index_tensors(tiny_dir)
     (_, first), (_, second), *_ = module_groups(list(entries))
     reader = WeightReader(reserve=block_size({name: entries[name] for name in first}))
-    got = {**reader.read_module({name: entries[name] for name in first}), **reader.read_module({name: entries[name] for name in second})}
+    got = {
+        **reader.read_module({name: entries[name] for name in first}),
+        **reader.read_module({name: entries[name] for name in second}),
+    }
     reader.close()
     expected = load_file(tiny_dir / "model.safetensors")
     for name in first + second:
@@ -238,3 +243,25 @@ def test_the_engine_has_its_tokenizer_once_loaded_and_a_broken_one_fails_the_loa
         for _ in broken.load_gen():
             pass
     broken.unload()
+
+
+def test_unloading_frees_the_weights_at_once_without_a_full_garbage_collection(
+    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full collection walks every object of the process (a tenth of a second and more with torch loaded):
+    # nothing of a loaded model may hold its weights in a reference cycle that only such a pass would find.
+    collections: list[int] = []
+    monkeypatch.setattr(torch_engine.gc, "collect", lambda generation=2: collections.append(generation) or 0)
+    engine = TorchEngine(tiny_dir, LoadOptions())
+    for _ in engine.load_gen():
+        pass
+    prompt = engine.encode(engine.render_chat([{"role": "user", "content": "Hello"}]))
+    asyncio.run(_answer(engine, prompt))  # the row-by-row head and the batch have run
+    weights = [weakref.ref(tensor) for tensor in engine.model.parameters()]
+    engine.unload()
+    assert not collections
+    assert all(ref() is None for ref in weights)
+
+
+async def _answer(engine: TorchEngine, prompt: list[int]) -> str:
+    return "".join([chunk.text async for chunk in engine.generate(prompt, SamplingParams(max_tokens=4, temperature=0.0))])
