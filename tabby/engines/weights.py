@@ -170,25 +170,35 @@ class WeightReader:
     def read_modules(self, modules: Iterable[Mapping[str, TensorEntry]]) -> Iterator[dict[str, torch.Tensor]]:
         """Each module's tensors in turn, once all its bytes are in memory (and the throttle allows).
 
-        The reads run up to `READ_AHEAD` modules ahead of the one handed out: a module handed out is
-        complete, the next ones may be part read.
+        The reads start at once (the caller may prepare for the tensors meanwhile) and run up to
+        `READ_AHEAD` modules ahead of the one handed out: a module handed out is complete, the next
+        ones may be part read. `modules` is drawn from only as the reads need the next one.
         """
         queued = iter(modules)
         in_flight: deque[_Module] = deque()
-        while True:
-            while len(in_flight) < (READ_AHEAD if self._pool is not None else 1):
-                entries = next(queued, None)
-                if entries is None:
-                    break
-                in_flight.append(self._start(entries))
-            if not in_flight:
+        self._read_ahead(queued, in_flight)
+        return self._hand_out(queued, in_flight)
+
+    def _read_ahead(self, queued: Iterator[Mapping[str, TensorEntry]], in_flight: deque[_Module]) -> None:
+        while len(in_flight) < (READ_AHEAD if self._pool is not None else 1):
+            entries = next(queued, None)
+            if entries is None:
                 return
+            in_flight.append(self._start(entries))
+
+    def _hand_out(
+        self, queued: Iterator[Mapping[str, TensorEntry]], in_flight: deque[_Module]
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        while in_flight:
             module = in_flight.popleft()
+            if self._pool is not None:
+                self._read_ahead(queued, in_flight)  # the threads go on with the next module meanwhile
             for read in module.reads:
                 read.result()  # a read's error (a file cut short) is the load's error
             self.bytes_read += module.nbytes
             self._throttle()
             yield module.tensors()
+            self._read_ahead(queued, in_flight)  # without threads, the next module is read when asked for
 
     def _start(self, entries: Mapping[str, TensorEntry]) -> _Module:
         """Lay a module out and start its reads: one large read per thread, each of an equal share."""

@@ -265,3 +265,21 @@ def test_unloading_frees_the_weights_at_once_without_a_full_garbage_collection(
 
 async def _answer(engine: TorchEngine, prompt: list[int]) -> str:
     return "".join([chunk.text async for chunk in engine.generate(prompt, SamplingParams(max_tokens=4, temperature=0.0))])
+
+
+def test_tensors_of_the_files_the_model_does_not_take_are_left_out(tiny_dir: Path, tmp_path: Path) -> None:
+    # The reads start before the model is built: what it turns out not to take is read at most, never given to it.
+    for file in tiny_dir.iterdir():
+        if file.suffix != ".safetensors":
+            (tmp_path / file.name).write_bytes(file.read_bytes())
+    weights = load_file(tiny_dir / "model.safetensors")
+    extra = {"aaa_vision_tower.proj.weight": torch.ones(4, 4), "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}
+    save_file({**weights, **extra}, tmp_path / "model.safetensors")
+    engine = TorchEngine(tmp_path, LoadOptions())
+    steps = list(engine.load_gen())
+    assert steps == [(k, 1 + 2 * engine.hf_config.num_hidden_layers + 2) for k in range(1, len(steps) + 1)]
+    state = engine.model.state_dict()
+    assert not set(extra) & set(state)
+    for name, tensor in weights.items():
+        assert torch.equal(state[name], tensor), name
+    engine.unload()
