@@ -154,14 +154,15 @@ class TorchEngine:
                 if taken := [name for name in names if wanted is None or name in wanted]:
                     yield {name: entries[name] for name in taken}
 
-        # The tokenizer is parsed beside the reads, and is in place before the last step makes the model ready.
-        with ThreadPoolExecutor(1, thread_name_prefix="read-tokenizer") as side:
-            tokenizer = side.submit(self._read_tokenizer)
-            # Read with as many threads as the engine computes with (the `cpu_threads` setting), into one
-            # block laid out for every tensor of the files.
-            reader = WeightReader(self.options.load_throttle_mbps, threads=torch.get_num_threads(), reserve=block_size(entries))
-            try:
-                reading = reader.read_modules(modules())
+        # Read with as many threads as the engine computes with (the `cpu_threads` setting), into one block
+        # laid out for every tensor of the files.
+        reader = WeightReader(self.options.load_throttle_mbps, threads=torch.get_num_threads(), reserve=block_size(entries))
+        try:
+            reading = reader.read_modules(modules())
+            # The tokenizer is parsed beside the reads, once they are under way (its parser holds the interpreter
+            # while it runs), and is in place before the last step makes the model ready.
+            with ThreadPoolExecutor(1, thread_name_prefix="read-tokenizer") as side:
+                tokenizer = side.submit(self._read_tokenizer)
                 model = self._empty_model()
                 wanted = set(model.state_dict())
                 count = sum(1 for _, names in groups if wanted.intersection(names))
@@ -183,8 +184,8 @@ class TorchEngine:
                         self.tokenizer = tokenizer.result()
                         self._finish_model(model)
                     yield k, count
-            finally:
-                reader.close()
+        finally:
+            reader.close()
 
     def _empty_model(self) -> Any:
         """The model with its parameters on the `meta` device: no memory, no random initialisation of
