@@ -16,6 +16,7 @@ is one kernel too), for the answers only.
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -58,14 +59,18 @@ def install_row_attention(model: Any) -> None:
 def _head_by_row(head: torch.nn.Module) -> None:
     """The head (vocabulary-wide: the largest product of a step) computes each answer's row alone, the
     same product as for an answer alone, its weights still in the CPU's cache for the next row; filler
-    rows get none."""
-    whole = head.forward
+    rows get none. The new forward holds the head weakly: a head referring to itself would be freed
+    (with the weights beside its own) only by a full garbage collection, not when the model is dropped."""
+    whole = type(head).forward
+    ref = weakref.ref(head)
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
-        live = getattr(head, "live_rows", None) or hidden.shape[0]
+        module = ref()
+        assert module is not None  # called through the head, so the head is there
+        live = getattr(module, "live_rows", None) or hidden.shape[0]
         if hidden.shape[0] == 1:
-            return whole(hidden)  # type: ignore[no-any-return]
-        return torch.cat([whole(hidden[i : i + 1]) for i in range(live)])
+            return whole(module, hidden)  # type: ignore[no-any-return]
+        return torch.cat([whole(module, hidden[i : i + 1]) for i in range(live)])
 
     head.forward = forward  # type: ignore[method-assign]
 

@@ -15,6 +15,7 @@ import gc
 import json
 import logging
 import re
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,7 +35,7 @@ from tabby.engines.base import (
 from tabby.engines.batch import Batch
 from tabby.engines.rows import MAX_ROWS, install_row_attention
 from tabby.engines.torch_options import named_template, plan_load, render_named
-from tabby.engines.weights import WeightReader, block_size, index_tensors
+from tabby.engines.weights import TensorEntry, WeightReader, block_size, index_tensors
 
 # Decoder-only architectures whose transformers implementation this engine has been run with.
 SUPPORTED_ARCHITECTURES = frozenset(
@@ -85,8 +86,12 @@ def _assign(model: Any, tensors: dict[str, torch.Tensor]) -> None:
     owner.load_state_dict({name[cut:]: tensor for name, tensor in tensors.items()}, strict=False, assign=True)
 
 
-def _release_memory() -> None:
-    gc.collect()
+def _release_memory(weights: list[weakref.ref[torch.Tensor]]) -> None:
+    """Hand the memory of a dropped model back. Dropping it frees its weights at once; only if something
+    still holds them in a reference cycle does a full garbage collection (a pass over every Python
+    object of the process, a tenth of a second or more with torch loaded) have to find it."""
+    if any(ref() is not None for ref in weights):
+        gc.collect()
     try:  # glibc keeps freed heap pages; hand them back so unload really returns memory
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
@@ -134,39 +139,62 @@ class TorchEngine:
     # Loading
 
     def load_gen(self) -> Iterator[tuple[int, int]]:
-        from transformers import AutoModelForCausalLM
-
         self.template = named_template(self.model_dir, self.options.prompt_template, self.load.notes)
         for note in self.load.notes:
             log.warning("Loading %s: %s", self.model_name, note)
         entries = self.tensors
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(self.hf_config, dtype=torch.float32)
-        # The tokenizer is parsed beside the reads (started once the model code is imported), and is in
-        # place before the last step makes the model ready.
-        with ThreadPoolExecutor(1, thread_name_prefix="read-tokenizer") as side:
-            tokenizer = side.submit(self._read_tokenizer)
-            expected = list(model.state_dict().keys())
-            present = [name for name in expected if name in entries]
-            groups = module_groups(present)
-            # Read with as many threads as the engine computes with (the `cpu_threads` setting), into one
-            # block laid out for every tensor the model takes.
-            reserve = block_size({name: entries[name] for name in present})
-            reader = WeightReader(self.options.load_throttle_mbps, threads=torch.get_num_threads(), reserve=reserve)
-            try:
-                for k, (_, names) in enumerate(groups, start=1):
+        # The files' modules in the files' order. The reads start before the model is built (it tells which
+        # tensors it takes): until then they take every tensor of the files, and tensors the model does not
+        # take are left out of what it is given.
+        groups = module_groups(sorted(entries, key=lambda name: (entries[name].file, entries[name].start)))
+        wanted: set[str] | None = None
+
+        def modules() -> Iterator[dict[str, TensorEntry]]:
+            for _, names in groups:
+                if taken := [name for name in names if wanted is None or name in wanted]:
+                    yield {name: entries[name] for name in taken}
+
+        # Read with as many threads as the engine computes with (the `cpu_threads` setting), into one block
+        # laid out for every tensor of the files.
+        reader = WeightReader(self.options.load_throttle_mbps, threads=torch.get_num_threads(), reserve=block_size(entries))
+        try:
+            reading = reader.read_modules(modules())
+            # The tokenizer is parsed beside the reads, once they are under way (its parser holds the interpreter
+            # while it runs), and is in place before the last step makes the model ready.
+            with ThreadPoolExecutor(1, thread_name_prefix="read-tokenizer") as side:
+                tokenizer = side.submit(self._read_tokenizer)
+                model = self._empty_model()
+                wanted = set(model.state_dict())
+                count = sum(1 for _, names in groups if wanted.intersection(names))
+                if not count:
+                    raise ModelFolderError(f"The weights of {self.model_name} hold none of the tensors its architecture takes")
+                k = 0
+                for module in reading:
+                    # The tensors become the parameters as read (assign=True); only other dtypes are converted.
+                    tensors = {name: t.to(torch.float32) for name, t in module.items() if name in wanted}
+                    del module
+                    if not tensors:
+                        continue  # read before the model was built, and none of it is the model's
+                    k += 1
                     if tokenizer.done():
                         tokenizer.result()  # an unreadable tokenizer fails the load now, not after the reads
-                    # The tensors become the parameters as read (assign=True); only other dtypes are converted.
-                    tensors = {name: t.to(torch.float32) for name, t in reader.read_module({n: entries[n] for n in names}).items()}
                     _assign(model, tensors)
                     del tensors
-                    if k == len(groups):  # the last step also makes the model ready to answer
+                    if k == count:  # the last step also makes the model ready to answer
                         self.tokenizer = tokenizer.result()
                         self._finish_model(model)
-                    yield k, len(groups)
-            finally:
-                reader.close()
+                    yield k, count
+        finally:
+            reader.close()
+
+    def _empty_model(self) -> Any:
+        """The model with its parameters on the `meta` device: no memory, no random initialisation of
+        weights about to be read."""
+        from transformers import AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
+
+        with torch.device("meta"), no_init_weights():
+            return AutoModelForCausalLM.from_config(self.hf_config, dtype=torch.float32)
 
     def _read_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
@@ -286,6 +314,7 @@ class TorchEngine:
         if self._batch is not None:
             self._batch.stop()
             self._batch = None
+        weights = [weakref.ref(tensor) for tensor in self.model.parameters()] if self.model is not None else []
         self.model = None
         self.tokenizer = None
-        _release_memory()
+        _release_memory(weights)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Mapping
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -12,9 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tabby.engines import torch_engine
-from tabby.engines.base import LoadOptions, ModelFolderError
+from tabby.engines.base import LoadOptions, ModelFolderError, SamplingParams
 from tabby.engines.torch_engine import TorchEngine, module_groups
-from tabby.engines.weights import TensorEntry, WeightReader, block_size, index_tensors
+from tabby.engines.weights import READ_AHEAD, TensorEntry, WeightReader, block_size, index_tensors
 from tests.tabby.conftest import SMALL, TINY
 
 
@@ -28,8 +31,8 @@ def read_all(folder: Path, threads: int = 2, throttle_mbps: float = 0.0, reserve
     reader = WeightReader(throttle_mbps, threads=threads, reserve=block_size(entries) if reserve else 0)
     try:
         tensors: dict[str, torch.Tensor] = {}
-        for _, names in module_groups(list(entries)):
-            tensors.update(reader.read_module({name: entries[name] for name in names}))
+        for module in reader.read_modules({name: entries[name] for name in names} for _, names in module_groups(list(entries))):
+            tensors.update(module)
         return tensors
     finally:
         reader.close()
@@ -132,7 +135,10 @@ def test_a_module_that_does_not_fit_the_reserve_gets_memory_of_its_own(tiny_dir:
     entries = index_tensors(tiny_dir)
     (_, first), (_, second), *_ = module_groups(list(entries))
     reader = WeightReader(reserve=block_size({name: entries[name] for name in first}))
-    got = {**reader.read_module({name: entries[name] for name in first}), **reader.read_module({name: entries[name] for name in second})}
+    got = {
+        **reader.read_module({name: entries[name] for name in first}),
+        **reader.read_module({name: entries[name] for name in second}),
+    }
     reader.close()
     expected = load_file(tiny_dir / "model.safetensors")
     for name in first + second:
@@ -162,27 +168,57 @@ def test_a_whole_load_lands_in_huge_pages(demo_models: Path) -> None:
 
 
 def test_the_engine_loads_the_files_weights_one_module_per_step(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    reads: list[list[str]] = []
+    started: list[list[str]] = []
+    handed_out: list[dict[str, torch.Tensor]] = []
 
     class RecordingReader(WeightReader):
-        def read_module(self, entries: Mapping[str, TensorEntry]) -> dict[str, torch.Tensor]:
-            reads.append(list(entries))
-            return super().read_module(entries)
+        def _start(self, entries: Mapping[str, TensorEntry]) -> Any:
+            started.append(list(entries))
+            return super()._start(entries)
+
+        def read_modules(self, modules: Iterable[Mapping[str, TensorEntry]]) -> Iterator[dict[str, torch.Tensor]]:
+            for module in super().read_modules(modules):
+                handed_out.append(module)
+                yield module
 
     monkeypatch.setattr(torch_engine, "WeightReader", RecordingReader)
+    expected = load_file(tiny_dir / "model.safetensors")
     engine = TorchEngine(tiny_dir, LoadOptions())
     steps = []
     for k, n in engine.load_gen():
-        assert len(reads) == k  # step k comes after module k is read, and before module k+1 is
+        assert len(handed_out) == k  # step k comes once module k is read
+        assert all(torch.equal(tensor, expected[name]) for name, tensor in handed_out[-1].items())  # all of it
+        assert len(started) <= k + READ_AHEAD  # the reads run only a few modules ahead of the steps
         steps.append((k, n))
-    assert steps == [(k, len(reads)) for k in range(1, len(reads) + 1)]
-    assert len(reads) == 1 + 2 * engine.hf_config.num_hidden_layers + 2
-    expected = load_file(tiny_dir / "model.safetensors")
-    assert sorted(name for names in reads for name in names) == sorted(expected)  # each tensor read once
+    assert steps == [(k, len(started)) for k in range(1, len(started) + 1)]
+    assert len(started) == 1 + 2 * engine.hf_config.num_hidden_layers + 2
+    assert sorted(name for names in started for name in names) == sorted(expected)  # each tensor read once
     state = engine.model.state_dict()
     for name, tensor in expected.items():
         assert torch.equal(state[name], tensor), name
     engine.unload()
+
+
+def test_a_module_handed_out_is_complete_and_the_reads_may_stop_before_the_rest(tiny_dir: Path) -> None:
+    entries = index_tensors(tiny_dir)
+    modules = [{name: entries[name] for name in names} for _, names in module_groups(list(entries))]
+    expected = load_file(tiny_dir / "model.safetensors")
+    started: list[list[str]] = []
+
+    class RecordingReader(WeightReader):
+        def _start(self, entries: Mapping[str, TensorEntry]) -> Any:
+            started.append(list(entries))
+            return super()._start(entries)
+
+    reader = RecordingReader(threads=2, reserve=block_size(entries))
+    reading = reader.read_modules(modules)
+    first = next(reading)
+    assert first.keys() == modules[0].keys()
+    for name, tensor in first.items():
+        assert torch.equal(tensor, expected[name]), name
+    reading.close()  # a load that stops early: the reads under way end quietly, no others start
+    reader.close()
+    assert 1 < len(started) <= 1 + READ_AHEAD < len(modules)
 
 
 def test_a_model_in_half_precision_loads_in_float32_with_the_files_values(tiny_dir: Path, tmp_path: Path) -> None:
@@ -215,3 +251,43 @@ def test_the_engine_has_its_tokenizer_once_loaded_and_a_broken_one_fails_the_loa
         for _ in broken.load_gen():
             pass
     broken.unload()
+
+
+def test_unloading_frees_the_weights_at_once_without_a_full_garbage_collection(
+    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full collection walks every object of the process (a tenth of a second and more with torch loaded):
+    # nothing of a loaded model may hold its weights in a reference cycle that only such a pass would find.
+    collections: list[int] = []
+    monkeypatch.setattr(torch_engine.gc, "collect", lambda generation=2: collections.append(generation) or 0)
+    engine = TorchEngine(tiny_dir, LoadOptions())
+    for _ in engine.load_gen():
+        pass
+    prompt = engine.encode(engine.render_chat([{"role": "user", "content": "Hello"}]))
+    asyncio.run(_answer(engine, prompt))  # the row-by-row head and the batch have run
+    weights = [weakref.ref(tensor) for tensor in engine.model.parameters()]
+    engine.unload()
+    assert not collections
+    assert all(ref() is None for ref in weights)
+
+
+async def _answer(engine: TorchEngine, prompt: list[int]) -> str:
+    return "".join([chunk.text async for chunk in engine.generate(prompt, SamplingParams(max_tokens=4, temperature=0.0))])
+
+
+def test_tensors_of_the_files_the_model_does_not_take_are_left_out(tiny_dir: Path, tmp_path: Path) -> None:
+    # The reads start before the model is built: what it turns out not to take is read at most, never given to it.
+    for file in tiny_dir.iterdir():
+        if file.suffix != ".safetensors":
+            (tmp_path / file.name).write_bytes(file.read_bytes())
+    weights = load_file(tiny_dir / "model.safetensors")
+    extra = {"aaa_vision_tower.proj.weight": torch.ones(4, 4), "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}
+    save_file({**weights, **extra}, tmp_path / "model.safetensors")
+    engine = TorchEngine(tmp_path, LoadOptions())
+    steps = list(engine.load_gen())
+    assert steps == [(k, 1 + 2 * engine.hf_config.num_hidden_layers + 2) for k in range(1, len(steps) + 1)]
+    state = engine.model.state_dict()
+    assert not set(extra) & set(state)
+    for name, tensor in weights.items():
+        assert torch.equal(state[name], tensor), name
+    engine.unload()
