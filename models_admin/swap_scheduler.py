@@ -9,10 +9,12 @@ nothing at all while a fleet switch (Roll) runs. In a fleet, the default backend
 the model it holds is the fleet's default, which chat follows.
 
 Grouping: a model still busy (answers running or requests waiting for it) keeps its backend while it
-serves them, but a request for another model waits no longer than GANTRY_MAX_SWAP_WAIT for that: counted
-from when it was queued, or from the busy model's load, whichever is later (the time a load takes is not
-grouping's). Past it, the busy backend is swapped anyway; its running answers finish first, as a switch
-drains them, and the requests still waiting for its model wait for it in turn.
+serves them, but a request for another model waits no longer than GANTRY_MAX_SWAP_WAIT for that: once the
+oldest request for it has waited that long since it was queued, the busy backend is swapped anyway; its
+running answers finish first, as a switch drains them, and the requests still waiting for its model wait
+for it in turn (their own clock runs from when they were queued, so the model swapped away comes back).
+A request so waits at most GANTRY_MAX_SWAP_WAIT (or the load under way, if longer), the drain and its
+own model's load.
 
 A request for a model that only pinned models stand in the way of waits (and gets GANTRY_HOLD_TIMEOUT's
 503 in the end): a pin is an admin's word, and an admin may unpin or switch.
@@ -185,9 +187,9 @@ def choose(candidates: list[Backend], demand: Demand, now: datetime, waiting: Co
         chosen = min(idle, key=order)
         return chosen, "it was idle" if chosen.is_ready else "it held nothing"
     bound = timedelta(seconds=settings.GANTRY_MAX_SWAP_WAIT)
-    due = [b for b in candidates if now - max(demand.since, b.loaded_at or demand.since) >= bound]
-    if not due:
+    if now - demand.since < bound:
         return None
+    due = candidates
     chosen = min(due, key=order)
     return chosen, f"a request waited {settings.GANTRY_MAX_SWAP_WAIT:g} s while {chosen.active_model} served its own"
 
