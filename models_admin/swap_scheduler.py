@@ -187,10 +187,9 @@ def choose(candidates: list[Backend], demand: Demand, now: datetime, waiting: Co
         chosen = min(idle, key=order)
         return chosen, "it was idle" if chosen.is_ready else "it held nothing"
     bound = timedelta(seconds=settings.GANTRY_MAX_SWAP_WAIT)
-    if now - demand.since < bound:
+    if not candidates or now - demand.since < bound:
         return None
-    due = candidates
-    chosen = min(due, key=order)
+    chosen = min(candidates, key=order)
     return chosen, f"a request waited {settings.GANTRY_MAX_SWAP_WAIT:g} s while {chosen.active_model} served its own"
 
 
