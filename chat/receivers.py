@@ -29,7 +29,11 @@ def waiting_messages(sender: Any, **kwargs: Any) -> int:
 def held_messages(sender: Any, **kwargs: Any) -> list[Held]:
     """The queue as the swap scheduler reads it: each held message's model (picked, or the default), when
     it was queued (`updated`: sent, or queued again), and its sender's role."""
-    rows = waiting().order_by("updated", "id").values_list("conversation__model_name", "updated", "conversation__owner_id", "conversation__owner__is_staff")
+    rows = (
+        waiting()
+        .order_by("updated", "id")
+        .values_list("conversation__model_name", "updated", "conversation__owner_id", "conversation__owner__is_staff")
+    )
     default = ""
     held = []
     for picked, since, user_id, is_staff in rows.iterator():

@@ -79,7 +79,8 @@ def check_request(model: str, is_admin: bool) -> None:
     if not LanguageModel.objects.filter(name=model, present=True).exists():
         raise LoadRefused(
             f"There is no model named {model[:200]} on any model server. GET /v1/models lists the models served now.",
-            404, "model_not_found",
+            404,
+            "model_not_found",
         )
     if being_loaded(model):
         return
@@ -90,7 +91,8 @@ def check_request(model: str, is_admin: bool) -> None:
     raise LoadRefused(
         f"The model {model} is not loaded, and {who} (its load_on_request policy is {policy.load_on_request}). "
         "Ask an admin to load it, or name a model that is served now (GET /v1/models lists them).",
-        403, "model_not_loadable",
+        403,
+        "model_not_loadable",
     )
 
 

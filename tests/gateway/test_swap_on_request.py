@@ -13,6 +13,7 @@ tests/models_admin/test_swap_scheduler.py.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import time
@@ -81,7 +82,9 @@ def answered_by(lines: list[str]) -> set[str]:
     return {chunk["model"] for chunk in chunks}
 
 
-def test_an_unknown_model_is_404_and_a_caller_the_policy_leaves_out_403_and_nothing_loads(servers: tuple[TabbyServer, Site]) -> None:
+def test_an_unknown_model_is_404_and_a_caller_the_policy_leaves_out_403_and_nothing_loads(
+    servers: tuple[TabbyServer, Site],
+) -> None:
     _, site = servers
     key = make_key(site, MEMBER)[1]
     client = openai.OpenAI(base_url=site.url + "/v1", api_key=key, max_retries=0)
@@ -107,12 +110,18 @@ def test_a_streamed_request_loads_its_model_hears_the_progress_and_is_audited(se
     status, lines = stream(site, key, SMALL)
     assert status == 200
     comments = [line for line in lines if line.startswith(":")]
-    percents = [int(m.group(1)) for line in comments if (m := re.fullmatch(r": loading Small-Chat-200M (\d+)%, no requests ahead", line))]
+    percents = [
+        int(m.group(1)) for line in comments if (m := re.fullmatch(r": loading Small-Chat-200M (\d+)%, no requests ahead", line))
+    ]
     assert len(percents) >= 2 and percents == sorted(percents) and percents[-1] > percents[0], comments
     assert lines[-1] == "data: [DONE]" and answered_by(lines) == {SMALL}
     [load] = request_loads(site)
     assert (load["kind"], load["status"], load["from_model"], load["to_model"], load["username"]) == (
-        "switch", "succeeded", TINY, SMALL, OUTSIDER[0]
+        "switch",
+        "succeeded",
+        TINY,
+        SMALL,
+        OUTSIDER[0],
     )
     assert (backend(site)["state"], backend(site)["active_model"]) == ("ready", SMALL)
 
@@ -175,7 +184,7 @@ def test_four_clients_alternating_between_two_models_are_all_answered_with_few_l
     keys = [make_key(site, user, name=f"client {n}")[1] for n, user in enumerate((MEMBER, OUTSIDER, MEMBER, OUTSIDER))]
     results = asyncio.run(forty_requests(site, keys))
     assert [asked for asked, _, answered in results if asked != answered] == []  # each answered by its model
-    changes = sum(1 for a, b in zip(results, results[1:]) if a[0] != b[0])
+    changes = sum(1 for a, b in itertools.pairwise(results) if a[0] != b[0])
     loads = request_loads(site)[before:]
     assert all(load["status"] == "succeeded" for load in loads), loads
     assert 1 <= len(loads) <= changes / 4, (len(loads), changes)

@@ -68,7 +68,9 @@ def backend(name: str, model: str = "", loaded: float = 600, used: float | None 
 def held(user: User, model: str, waited: float = 0.0) -> Message:
     """A message queued `waited` seconds ago in a conversation that picked `model` ("": the default)."""
     conversation = Conversation.objects.create(owner=user, model_name=model)
-    message = Message.objects.create(conversation=conversation, role=Message.Role.USER, content="Hello", status=Message.Status.QUEUED)
+    message = Message.objects.create(
+        conversation=conversation, role=Message.Role.USER, content="Hello", status=Message.Status.QUEUED
+    )
     Message.objects.filter(pk=message.pk).update(updated=timezone.now() - timedelta(seconds=waited))
     return message
 
@@ -207,8 +209,12 @@ def test_nothing_is_swapped_during_a_fleet_switch_or_after_a_failed_load(member:
     assert schedule_swaps() == []
     Roll.objects.filter(pk=roll.pk).update(status=Operation.Status.SUCCEEDED)
     Operation.objects.create(
-        backend=default, kind=Operation.Kind.SWITCH, source=Operation.Source.REQUEST, to_model=SMALL,
-        status=Operation.Status.FAILED, finished=timezone.now(),
+        backend=default,
+        kind=Operation.Kind.SWITCH,
+        source=Operation.Source.REQUEST,
+        to_model=SMALL,
+        status=Operation.Status.FAILED,
+        finished=timezone.now(),
     )
     assert chosen() == []  # not tried again at once: a model that fails to load would be loaded in a loop
 
