@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from django.dispatch import Signal
 
@@ -49,5 +50,6 @@ def waiting_messages() -> int:
 
 def held_messages() -> list[Held]:
     """Every held message, oldest first (from every app that holds them)."""
-    found = [held for _, rows in list_held.send(sender=None) for held in rows or ()]
+    answers: list[tuple[Any, Any]] = list_held.send(sender=None)
+    found: list[Held] = [held for _, rows in answers for held in rows or ()]
     return sorted(found, key=lambda held: held.since)
