@@ -236,9 +236,12 @@ class Exchange:
             yield Comment(self.waiting())
 
     def _waits_for(self, model: Any) -> bool:
-        """Whether a load's progress is that of the model the request waits for (one following the default
-        model hears every switch of the default backend's, which chat's pages hear)."""
-        return not self.picked or model == self.picked
+        """Whether a load's progress is that of the model the request waits for: the one it names, or for
+        one following the default model, the default backend's switch (not another backend's load)."""
+        if self.picked:
+            return bool(model == self.picked)
+        target = (self.state or {}).get("target_model")
+        return not target or model == target
 
     def _question_changed(self, status: str) -> None:
         if status == Message.Status.GENERATING:

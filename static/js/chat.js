@@ -258,7 +258,8 @@
       // A load of the picked model (on any backend: one asked for by this conversation's messages).
       pickedPercent = progress.step === "failed" ? null : Math.round(progress.percent);
       drawPicked();
-    } else if (modelState.state === "switching" && progress.step !== "failed") {
+    } else if (modelState.state === "switching" && progress.step !== "failed"
+               && (!modelState.target_model || progress.model === modelState.target_model)) {
       loadingPercent = Math.round(progress.percent);
       drawModel(modelState);
     }
