@@ -64,16 +64,18 @@ Piece = Text | Comment | Restart | Ended
 
 def requested_model(user: Any, model: str | None) -> str:
     """The model a request is for ("": the default model, whichever it is, when it names none). A model
-    served now is answered by a backend holding it. The fleet's default model, while no backend serves it
-    (a switch, a server away), is waited for as chat's messages wait. Another model is waited for when a
-    backend is loading it, or when its policy lets the caller have it loaded (the swap scheduler loads
-    it); else the request is refused in OpenAI's shape: 404 for a model no model server has, 403 when the
-    caller may not have it loaded."""
-    if not model or can_answer(model) or model == default_model():
+    served now is answered by a backend holding it. Another is waited for when a backend is loading it, or
+    when its policy lets the caller have it loaded (the swap scheduler loads it). Else the default model's
+    name, while no backend serves it (a switch, a server away), follows the default as chat's messages do;
+    anything else is refused in OpenAI's shape: 404 for a model no model server has, 403 when the caller
+    may not have it loaded."""
+    if not model or can_answer(model):
         return model or ""
     try:
         check_request(model, bool(user.is_staff))
     except LoadRefused as exc:
+        if model == default_model():
+            return ""
         raise ApiError(exc.status, exc.message, code=exc.code, param="model") from None
     return model
 
