@@ -158,16 +158,14 @@ def plan(fleet: list[Backend], held: list[Held], now: datetime) -> list[Swap]:
         if demand.model in retry_later:
             continue
         taken = {swap.backend.pk for swap in swaps}
-        candidates = [
-            b for b in fleet if b.pk not in taken and (b.pk, demand.model) in folders and _swappable(b, now, policies, len(fleet))
-        ]
+        candidates = [b for b in fleet if b.pk not in taken and (b.pk, demand.model) in folders and _swappable(b, now, policies)]
         chosen = choose(candidates, demand, now, waiting)
         if chosen is not None:
             swaps.append(Swap(demand.model, chosen[0], demand.user_id, chosen[1]))
     return swaps
 
 
-def _swappable(backend: Backend, now: datetime, policies: dict[str, Policy], fleet_size: int) -> bool:
+def _swappable(backend: Backend, now: datetime, policies: dict[str, Policy]) -> bool:
     """A backend the scheduler may give another model: in rotation, answering, no operation or load of
     TabbyAPI's own running on it, and its model (if any) neither pinned nor short of its min_residency."""
     if not backend.in_rotation or backend.operation_id is not None or backend.abandoned_load or backend.trouble:
