@@ -124,6 +124,8 @@ def test_a_streamed_request_loads_its_model_hears_the_progress_and_is_audited(se
         OUTSIDER[0],
     )
     assert (backend(site)["state"], backend(site)["active_model"]) == ("ready", SMALL)
+    with site.session(ADMIN) as admin:
+        assert 'outsider <span class="via">(a request for the model)</span>' in admin.get("/admin/activity/").text
 
 
 def test_a_pinned_model_is_not_unloaded_for_another_models_requests(servers: tuple[TabbyServer, Site]) -> None:
