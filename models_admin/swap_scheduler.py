@@ -13,6 +13,8 @@ serves them, but a request for another model waits no longer than GANTRY_MAX_SWA
 oldest request for it has waited that long since it was queued, the busy backend is swapped anyway; its
 running answers finish first, as a switch drains them, and the requests still waiting for its model wait
 for it in turn (their own clock runs from when they were queued, so the model swapped away comes back).
+A model just loaded keeps its backend until the requests queued before its load are released (the
+moment it is ready): a swap in between would leave them for another round of loads.
 A request so waits at most GANTRY_MAX_SWAP_WAIT (or the load under way, if longer), the drain and its
 own model's load.
 
@@ -28,7 +30,6 @@ runs a round every second; one process at a time decides, under the claim lock (
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -152,7 +153,9 @@ def plan(fleet: list[Backend], held: list[Held], now: datetime) -> list[Swap]:
     wanted = [d for d in demands(held, policies) if d.model in missing]
     retry_later = _failed_lately({d.model for d in wanted}, now)
     folders = set(LanguageModel.objects.filter(present=True, name__in=missing).values_list("backend_id", "name"))
-    waiting = Counter(row.model for row in held)
+    waiting: dict[str, datetime] = {}
+    for row in held:  # oldest first: each model's oldest waiting request
+        waiting.setdefault(row.model, row.since)
     swaps: list[Swap] = []
     for demand in wanted:
         if demand.model in retry_later:
@@ -175,21 +178,24 @@ def _swappable(backend: Backend, now: datetime, policies: dict[str, Policy]) -> 
     return not backend.active_model or may_unload(backend, now, policies.get(backend.active_model, Policy()))
 
 
-def choose(candidates: list[Backend], demand: Demand, now: datetime, waiting: Counter[str]) -> tuple[Backend, str] | None:
+def choose(candidates: list[Backend], demand: Demand, now: datetime, waiting: dict[str, datetime]) -> tuple[Backend, str] | None:
     """The backend to swap for `demand` and why: an idle one first, else the least recently used busy one
-    once the request has waited GANTRY_MAX_SWAP_WAIT for its model's group; None: wait."""
+    once the request has waited GANTRY_MAX_SWAP_WAIT for its model's group; None: wait. `waiting`: since
+    when the oldest request for each model waits. A busy backend whose model still has requests queued
+    before its load (those it was loaded for, released in the moments after it is ready) keeps it."""
 
     def order(backend: Backend) -> tuple[bool, bool, datetime]:
         return backend.is_ready, backend.is_default, idle_since(backend) or LONG_AGO
 
-    idle = [b for b in candidates if not b.is_ready or (not waiting[b.active_model] and not running_answers(b.pk))]
+    idle = [b for b in candidates if not b.is_ready or (b.active_model not in waiting and not running_answers(b.pk))]
     if idle:
         chosen = min(idle, key=order)
         return chosen, "it was idle" if chosen.is_ready else "it held nothing"
     bound = timedelta(seconds=settings.GANTRY_MAX_SWAP_WAIT)
-    if not candidates or now - demand.since < bound:
+    served = [b for b in candidates if b.loaded_at is None or waiting.get(b.active_model, now) >= b.loaded_at]
+    if not served or now - demand.since < bound:
         return None
-    chosen = min(candidates, key=order)
+    chosen = min(served, key=order)
     return chosen, f"a request waited {settings.GANTRY_MAX_SWAP_WAIT:g} s while {chosen.active_model} served its own"
 
 

@@ -135,6 +135,19 @@ def test_the_bound_counts_from_when_the_request_was_queued(member: User) -> None
     assert chosen() == [(SMALL, "default")]
 
 
+def test_a_model_just_loaded_serves_the_requests_it_was_loaded_for_first(member: User) -> None:
+    """The requests queued before its load are released the moment it is ready: a swap in between would
+    leave them for another round of loads."""
+    everyone(SMALL)
+    default = backend("default", TINY, loaded=0.5)
+    held(member, TINY, waited=4)  # what Tiny was loaded for, not yet released
+    held(member, SMALL, waited=12)
+    assert chosen() == []
+    Message.objects.filter(conversation__model_name=TINY).update(status=Message.Status.GENERATING, backend=default)
+    held(member, TINY)  # a request that came after the load does not keep it
+    assert chosen() == [(SMALL, "default")]
+
+
 def test_a_pinned_model_is_never_unloaded_for_another_models_requests(member: User) -> None:
     everyone(SMALL)
     everyone(TINY, pinned=True)
