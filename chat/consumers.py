@@ -13,6 +13,7 @@ from gantry.broadcast import CHAT_GROUP, RefusedEvent, SentEvent, conversation_g
 from gantry.serving import in_web_thread
 from gantry.sockets import SESSION_ENDED, SESSION_GONE, EventConsumer, session_holds
 from models_admin.services import chat_state, served_models
+from models_admin.swap_scheduler import loadable_models
 
 MALFORMED = 'Send JSON objects like {"type": "chat.send", "content": "Hello", "ref": 1}.'
 
@@ -54,7 +55,12 @@ class ChatConsumer(EventConsumer):
 
     async def greet(self) -> None:
         await self.send_json({"type": "model.state", **await database_sync_to_async(chat_state)()})
-        await self.send_json({"type": "chat.models", **await database_sync_to_async(served_models)()})
+        await self.send_json({"type": "chat.models", **await database_sync_to_async(self._models)()})
+
+    def _models(self) -> dict[str, Any]:
+        """The picker's list, with the models this user may have loaded by picking them (the broadcasts
+        that follow carry the served ones: the page keeps its `loadable` list)."""
+        return {**served_models(), "loadable": loadable_models(self.scope["user"].is_staff)}
 
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         # Sent here rather than POSTed, a message's answer starts sooner: no HTTP request to parse, no

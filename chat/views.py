@@ -18,6 +18,7 @@ from chat.models import Conversation
 from gantry import origins
 from gantry.parsers import is_storable
 from models_admin.services import chat_state, check_if_stale, default_backend, served_models
+from models_admin.swap_scheduler import loadable_models
 
 
 def login_page(request: HttpRequest) -> HttpResponse:
@@ -55,7 +56,12 @@ def chat_page(request: HttpRequest, conversation_id: int | None = None) -> HttpR
     return render(
         request,
         "chat/chat.html",
-        {"conversations": conversations, "current": current, "model": chat_state(backend), "models": served_models()},
+        {
+            "conversations": conversations,
+            "current": current,
+            "model": chat_state(backend),
+            "models": {**served_models(), "loadable": loadable_models(request.user.is_staff)},
+        },
     )
 
 

@@ -239,6 +239,9 @@ GANTRY_MAX_QUEUED = env_int("GANTRY_MAX_QUEUED", 1000, minimum=1)
 GANTRY_MAX_QUEUED_PER_USER = env_int("GANTRY_MAX_QUEUED_PER_USER", 20, minimum=1)
 # Seconds a request of the OpenAI-compatible API may wait in the queue before it is answered 503.
 GANTRY_HOLD_TIMEOUT = env_float("GANTRY_HOLD_TIMEOUT", 300.0, minimum=1.0)
+# Seconds a held request for a model no backend holds may wait because the loaded model still has requests
+# to serve (the swap scheduler groups requests by model); past it, a backend is swapped for it anyway.
+GANTRY_MAX_SWAP_WAIT = env_float("GANTRY_MAX_SWAP_WAIT", 30.0, minimum=0.0)
 GANTRY_LOGIN_MAX_FAILURES = env_int("GANTRY_LOGIN_MAX_FAILURES", 5, minimum=1)
 GANTRY_LOGIN_MAX_FAILURES_PER_ADDRESS = env_int("GANTRY_LOGIN_MAX_FAILURES_PER_ADDRESS", 20, minimum=1)
 GANTRY_LOGIN_LOCKOUT = env_int("GANTRY_LOGIN_LOCKOUT", 300, minimum=1)

@@ -22,7 +22,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 
 from chat import services
-from chat.balance import can_answer
+from chat.balance import can_answer, default_model
 from chat.generation import cancel_here
 from chat.models import Conversation, Message
 from chat.queue import schedule_positions
@@ -31,6 +31,7 @@ from gantry.broadcast import CHAT_GROUP, Listening, conversation_group
 from gantry.serving import in_web_thread
 from gateway.openai_input import ApiError, Asked
 from models_admin.services import chat_state
+from models_admin.swap_scheduler import LoadRefused, check_request
 
 COMMENT_EVERY = 5.0  # seconds: a held request hears where it stands at least this often
 RETRY_AFTER = 30  # seconds, said to a request refused for waiting too long
@@ -61,10 +62,27 @@ class Ended:
 Piece = Text | Comment | Restart | Ended
 
 
+def requested_model(user: Any, model: str | None) -> str:
+    """The model a request is for ("": the default model, whichever it is, when it names none). A model
+    served now is answered by a backend holding it. Another is waited for when a backend is loading it, or
+    when its policy lets the caller have it loaded (the swap scheduler loads it). Else the default model's
+    name, while no backend serves it (a switch, a server away), follows the default as chat's messages do;
+    anything else is refused in OpenAI's shape: 404 for a model no model server has, 403 when the caller
+    may not have it loaded."""
+    if not model or can_answer(model):
+        return model or ""
+    try:
+        check_request(model, bool(user.is_staff))
+    except LoadRefused as exc:
+        if model == default_model():
+            return ""
+        raise ApiError(exc.status, exc.message, code=exc.code, param="model") from None
+    return model
+
+
 def _open(user: Any, model: str | None) -> Conversation:
-    """The request's conversation. A `model` served now picks it (the request goes to a backend holding
-    it); any other name is read as TabbyAPI reads it: the default model answers."""
-    picked = model if model and can_answer(model) else ""
+    """The request's conversation, picking the model it is for (the request goes to a backend holding it)."""
+    picked = requested_model(user, model)
     return Conversation.objects.create(owner=user, title="API request", source=Conversation.Source.API, model_name=picked)
 
 
@@ -125,13 +143,14 @@ class Exchange:
         self.state: dict[str, Any] | None = None
         self.error = ""
         self.model = ""
+        self.picked = ""  # the model it names, when it names one (not the default)
         self.listening: Listening | None = None
 
     async def open(self) -> None:
         """Post the request to the queue (listening first, so no event of it is missed); a full queue is
         429, as chat refuses the message."""
         conversation = await in_web_thread(_open, self.user, self.asked.model)
-        self.conversation_id = conversation.pk
+        self.conversation_id, self.picked = conversation.pk, conversation.model_name
         self.channel = await self.layer.new_channel()
         self.listening = Listening(self.layer, self.channel)
         self.groups = [conversation_group(conversation.pk), CHAT_GROUP]
@@ -193,7 +212,7 @@ class Exchange:
 
     async def _pieces_of(self, event: dict[str, Any]) -> AsyncIterator[Piece]:
         kind = event.get("type")
-        if kind == "model.progress":
+        if kind == "model.progress" and self._waits_for(event.get("model")):
             self.progress = event
         elif kind == "model.state":
             self.state = event
@@ -220,6 +239,14 @@ class Exchange:
             return
         if not self.started and kind in ("model.progress", "chat.queued"):
             yield Comment(self.waiting())
+
+    def _waits_for(self, model: Any) -> bool:
+        """Whether a load's progress is that of the model the request waits for: the one it names, or for
+        one following the default model, the default backend's switch (not another backend's load)."""
+        if self.picked:
+            return bool(model == self.picked)
+        target = (self.state or {}).get("target_model")
+        return not target or model == target
 
     def _question_changed(self, status: str) -> None:
         if status == Message.Status.GENERATING:

@@ -199,6 +199,7 @@ class Operation(models.Model):
         COMMAND = "command"
         FLEET = "fleet"  # Gantry itself: a backend that came back gets its desired model again
         POLICY = "policy"  # Gantry itself, by a model's policy: an idle model unloaded, a preloaded one loaded
+        REQUEST = "request"  # Gantry itself, for held requests naming a model no backend held (the swap scheduler)
 
     backend = models.ForeignKey(Backend, on_delete=models.CASCADE, related_name="operations")
     kind = models.CharField(max_length=16, choices=Kind.choices)

@@ -89,8 +89,9 @@ class Reporter:
             text=text,
             eta_seconds=self.eta(module, modules),
         )
-        if not op.backend.is_default:
-            # Another backend's steps are saved (the audit log); the Models pages show a fleet switch's.
+        if not op.backend.is_default and op.source != Operation.Source.REQUEST:
+            # Another backend's steps are saved (the audit log); the Models pages show a fleet switch's. A
+            # load for held requests goes to chat too: its requests and pages show its progress.
             if op.roll_id is not None:
                 broadcast(MODELS_GROUP, event)
             self._last_step = step

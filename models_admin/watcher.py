@@ -30,6 +30,7 @@ from models_admin.policy_actions import Preload, unload_idle
 from models_admin.rolling import resume_stale_rolls
 from models_admin.services import WATCH_EVERY, check_backend, end_abandoned_load
 from models_admin.signals import waiting_messages
+from models_admin.swap_scheduler import schedule_swaps
 
 log = logging.getLogger(__name__)
 _preload = Preload()  # this process's: the `preload` models are loaded once, when it starts
@@ -40,7 +41,8 @@ def watch_round(preload: bool = True) -> float:
     wait. In a fleet (two backends or more) every backend is checked every second, so one that stops
     answering leaves the rotation within seconds, and one that returns gets its desired model again.
     Then the models' policies: idle models are unloaded, and (with `preload`, in the processes that
-    start the fleet's work) the `preload` models loaded once at start."""
+    start the fleet's work) the `preload` models loaded once at start; and held requests for a model no
+    backend holds have it loaded (models_admin.swap_scheduler)."""
     fleet = backends()
     for backend in fleet:
         watch_backend(backend, every_second=len(fleet) > 1)
@@ -48,6 +50,7 @@ def watch_round(preload: bool = True) -> float:
         reconcile()
         resume_stale_rolls()
     unload_idle(fleet)  # the rows as the round began: an unload is claimed on the row as it is now
+    schedule_swaps()
     if preload and not _preload.done:
         _preload.round(backends())  # as the checks left them
     return WATCH_EVERY

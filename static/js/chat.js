@@ -164,6 +164,9 @@
   const picker = document.getElementById("model-picker");
   let picked = picker.dataset.picked || "";
   let fleet = JSON.parse(document.getElementById("served-models").textContent);
+  // Sent with the page and the socket's greeting (they depend on the user); broadcasts leave them out.
+  let loadableModels = fleet.loadable || [];
+  let pickedPercent = null; // the progress of a load of the conversation's picked model
   function drawPicker() {
     picker.textContent = "";
     const add = (value, label) => {
@@ -175,7 +178,10 @@
     add("", fleet.default ? fleet.default + " (default)" : "Default model");
     const others = fleet.served.filter((name) => name !== fleet.default);
     others.forEach((name) => add(name, name));
-    if (picked && !others.includes(picked)) {
+    // Then the models this user may have loaded by asking for them: picking one and sending loads it.
+    const loadable = loadableModels.filter((name) => !fleet.served.includes(name) && name !== fleet.default);
+    loadable.forEach((name) => add(name, name + (fleet.loading.includes(name) ? " (loading)" : " (loads when asked)")));
+    if (picked && !others.includes(picked) && !loadable.includes(picked)) {
       const served = fleet.served.includes(picked);
       add(picked, picked + (served ? "" : fleet.loading.includes(picked) ? " (loading)" : " (not available)"));
     }
@@ -188,12 +194,16 @@
       return;
     }
     const loading = fleet.loading.includes(picked);
-    banner.textContent = loading ? "Model loading... (Loading " + picked + ")" : "Model not available";
+    const percent = loading && pickedPercent !== null ? ", " + pickedPercent + "%" : "";
+    if (!loading) pickedPercent = null;
+    banner.textContent = loading ? "Model loading... (Loading " + picked + percent + ")"
+      : loadableModels.includes(picked) ? "Model not loaded yet: sending a message loads it" : "Model not available";
     banner.className = loading ? "banner loading" : "banner unavailable";
     banner.hidden = false;
   }
   function drawFleet(models) {
     fleet = models;
+    if (models.loadable) loadableModels = models.loadable;
     drawPicker();
     drawModel(modelState);
   }
@@ -244,7 +254,12 @@
     }
   }
   function drawProgress(progress) {
-    if (modelState.state === "switching" && progress.step !== "failed") {
+    if (picked && progress.model === picked && !fleet.served.includes(picked)) {
+      // A load of the picked model (on any backend: one asked for by this conversation's messages).
+      pickedPercent = progress.step === "failed" ? null : Math.round(progress.percent);
+      drawPicked();
+    } else if (modelState.state === "switching" && progress.step !== "failed"
+               && (!modelState.target_model || progress.model === modelState.target_model)) {
       loadingPercent = Math.round(progress.percent);
       drawModel(modelState);
     }

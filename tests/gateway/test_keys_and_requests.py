@@ -13,9 +13,11 @@ from django.test import Client
 from chat.models import Conversation
 from chat.prompts import asked
 from gateway import keys
-from gateway.exchange import waiting_text
+from gateway.exchange import requested_model, waiting_text
 from gateway.models import ApiKey
 from gateway.openai_input import ApiError, chat_request, completion_request, json_body
+from models_admin.model_settings import ModelSettings
+from models_admin.models import Backend, LanguageModel
 
 pytestmark = pytest.mark.django_db
 
@@ -213,3 +215,30 @@ def test_a_held_request_hears_what_it_waits_for() -> None:
         == "waiting for the model server, which cannot be reached, no requests ahead"
     )
     assert waiting_text(None, None, None) == "waiting for the model"
+
+
+def test_a_requests_model_is_served_loaded_waited_for_or_refused(alice: User) -> None:
+    """Which model a request waits for: none named follows the default; a model served or being loaded is
+    waited for; one a backend has is loaded when its policy lets the caller, else 403; an unknown name is
+    404; the default model's name, for a caller who may not load it, follows the default."""
+    default = Backend.objects.create(
+        name="default", base_url="http://127.0.0.1:9", state=Backend.State.UNLOADED, desired_model="Tiny"
+    )
+    second = Backend.objects.create(name="gpu-2", base_url="http://127.0.0.1:8", state=Backend.State.READY, active_model="Small")
+    for name in ("Tiny", "Small", "Large"):
+        LanguageModel.objects.create(backend=default, name=name)
+    LanguageModel.objects.create(backend=second, name="Small")
+    root = User.objects.create_user("root", password="pw-root-123", is_staff=True)
+    assert [requested_model(alice, name) for name in (None, "", "Small", "Tiny")] == ["", "", "Small", ""]
+    assert requested_model(root, "Tiny") == "Tiny"  # an admin's request has the default model loaded
+    with pytest.raises(ApiError) as forbidden:
+        requested_model(alice, "Large")
+    assert (forbidden.value.status, forbidden.value.code, forbidden.value.param) == (403, "model_not_loadable", "model")
+    ModelSettings.objects.create(model_name="Large", values={"load_on_request": "everyone"})
+    assert requested_model(alice, "Large") == "Large"
+    with pytest.raises(ApiError) as unknown:
+        requested_model(root, "gpt-4o")
+    assert (unknown.value.status, unknown.value.code) == (404, "model_not_found")
+    ModelSettings.objects.filter(model_name="Large").update(values={"load_on_request": "nobody"})
+    Backend.objects.filter(pk=second.pk).update(state=Backend.State.SWITCHING, target_model="Large")
+    assert requested_model(alice, "Large") == "Large"  # loading already: waited for, whoever asks

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from harness.site import ADMIN, MEMBER, Site, receive_until, run_site
@@ -127,12 +128,17 @@ async def test_a_message_for_a_model_nobody_serves_waits_and_is_answered_once_a_
         assert answers(site, [held["id"]]) == {held["id"]: (SECOND, SMALL)}
 
 
-def test_an_api_request_naming_a_served_model_goes_to_its_backend_and_any_other_name_to_the_default(site: Site) -> None:
+def test_an_api_request_naming_a_served_model_goes_to_its_backend_and_an_unknown_name_is_404(site: Site) -> None:
     client = openai_client(site, make_key(site, MEMBER)[1])
     assert [model.id for model in client.models.list()] == [TINY, SMALL]  # served now, the default first
     asked = [{"role": "user", "content": "Hello"}]
     small = client.chat.completions.create(model=SMALL, messages=asked, max_tokens=4)  # type: ignore[arg-type]
-    other = client.chat.completions.create(model="gpt-4o", messages=asked, max_tokens=4)  # type: ignore[arg-type]
-    # Each answer's `model` is the model of the backend that gave it.
-    assert (small.model, other.model) == (SMALL, TINY)
-    assert small.choices[0].message.content and other.choices[0].message.content
+    default = client.chat.completions.create(messages=asked, max_tokens=4, model="")  # type: ignore[arg-type]
+    # Each answer's `model` is the model of the backend that gave it; no model named: the default's.
+    assert (small.model, default.model) == (SMALL, TINY)
+    assert small.choices[0].message.content and default.choices[0].message.content
+    # A name no model server has is refused (nothing is loaded for it), in OpenAI's shape.
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.chat.completions.create(model="gpt-4o", messages=asked, max_tokens=4)  # type: ignore[arg-type]
+    assert isinstance(unknown.value.body, dict) and unknown.value.body["code"] == "model_not_found"
+    assert query(site, "SELECT id FROM models_admin_operation WHERE source = 'request'") == []
