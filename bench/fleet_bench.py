@@ -1,5 +1,13 @@
 """Balancing: the chat's throughput with two backends holding the same model (one CPU thread each) against
-one of them alone (the other drained), 8 conversations asking at once, measured in one run."""
+one of them alone (the other drained), 8 conversations asking at once, measured in one run.
+
+Measured twice, with two bounds of answers at once per backend (GANTRY_MAX_CONCURRENT_GENERATIONS):
+- the default, 8: one backend alone takes all eight chats in one batch, and its batching (the model
+  server's forward passes shared by the answers in flight) already gets most of what a second core could
+  add; what a second backend adds is what four rows a batch gain over eight;
+- 4, a backend's bound set below the crowd (as a GPU's memory for its caches sets it): one backend alone
+  answers four and holds the other four, two answer all eight.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ SERVER = {"model": {"model_name": MODEL}, "developer": {"cpu_threads": 1}}
 CHATS = 8
 ROUNDS = 3  # messages each conversation sends, one after the other's answer
 REPEATS = 2
+BOUNDS = (CHATS, CHATS // 2)  # answers at once per backend: the default, then below the crowd
 QUESTION = "Tell me about the sea."
 
 
@@ -52,7 +61,7 @@ async def throughput(site: Site, member: httpx.AsyncClient, cookie: str) -> floa
     return sum(pieces) / (time.perf_counter() - started)
 
 
-async def measure(site: Site, second_url: str) -> None:
+async def measure(site: Site, second_url: str, bound: int) -> None:
     async with httpx.AsyncClient(timeout=300) as member, httpx.AsyncClient(timeout=300) as admin:
         await member.post(site.url + "/api/auth/login", json={"username": MEMBER[0], "password": MEMBER[1]})
         await admin.post(site.url + "/api/auth/login", json={"username": ADMIN[0], "password": ADMIN[1]})
@@ -67,8 +76,9 @@ async def measure(site: Site, second_url: str) -> None:
             await admin.post(site.url + "/api/admin/backends/second/resume")
             twos.append(await throughput(site, member, cookie))
     one, two = median(ones), median(twos)
-    print(f"{CHATS} conversations asking at once, {ROUNDS} questions each, {MODEL} on one CPU thread per server,")
-    print(f"median of {REPEATS} alternated runs; answers per backend: {answers_by_backend(site)}")
+    print(f"{CHATS} conversations asking at once, {ROUNDS} questions each, {MODEL} on one CPU thread per server, at most")
+    print(f"{bound} answers at once per backend{' (the default)' if bound == CHATS else ''}; median of {REPEATS} alternated runs;")
+    print(f"answers per backend: {answers_by_backend(site)}")
     report("throughput, one backend (the other drained)", one, "pieces/s")
     report("throughput, two backends", two, "pieces/s", one, ">= 1.6x one backend's")
 
@@ -90,8 +100,10 @@ def main() -> None:
     ):
         wait_loaded(first, MODEL)
         wait_loaded(second, MODEL)
-        with run_site(Path(workdir) / "site", first.url, extra_env={"GANTRY_MAX_ANSWER_TOKENS": "48"}) as site:
-            asyncio.run(measure(site, second.url))
+        for bound in BOUNDS:
+            env = {"GANTRY_MAX_ANSWER_TOKENS": "48", "GANTRY_MAX_CONCURRENT_GENERATIONS": str(bound)}
+            with run_site(Path(workdir) / f"site-{bound}", first.url, extra_env=env) as site:
+                asyncio.run(measure(site, second.url, bound))
 
 
 if __name__ == "__main__":
