@@ -33,7 +33,9 @@ def pair(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 @pytest.fixture(scope="module")
 def site(pair: Pair, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    with run_site(tmp_path_factory.mktemp("site"), pair.first.url) as site:
+    # Short answers: what is checked is which backend and model answer, and two answers of the small model
+    # on one CPU thread, one after the other in a conversation, may otherwise take a minute on a busy machine.
+    with run_site(tmp_path_factory.mktemp("site"), pair.first.url, extra_env={"GANTRY_MAX_ANSWER_TOKENS": "64"}) as site:
         add_second(site, pair.second.url)
         yield site
 
