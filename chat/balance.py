@@ -9,7 +9,6 @@ unless its user picked another (`Conversation.model_name`).
 from __future__ import annotations
 
 from django.conf import settings
-from django.db.models import F
 from django.utils import timezone
 
 from chat.models import Message
@@ -35,17 +34,9 @@ def conversation_model(conversation_id: int, default: Backend | None = None) -> 
     return model_for(Message.objects.model_picked(conversation_id) or "", default)
 
 
-def serving(model: str) -> list[Backend]:
-    """The backends that may answer for `model` now, those that waited longest first."""
-    if not model:
-        return []
-    ready = Backend.objects.filter(state=Backend.State.READY, in_rotation=True, active_model=model)
-    return list(ready.order_by(F("routed_at").asc(nulls_first=True), "id"))
-
-
 def can_answer(model: str) -> bool:
     """Whether a backend is ready for `model` (without counting its free slots)."""
-    return bool(serving(model))
+    return bool(model) and bool(Message.objects.serving(model))
 
 
 def pick(model: str) -> Backend | None:
