@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect
 
-from harness.site import ADMIN, MEMBER, Site, run_site
-from harness.tabby_server import free_port, run_tabby, wait_loaded
+from harness.site import MEMBER, Site
 from tests.conftest import TINY
 from tests.e2e.conftest import log_in
-from tests.models_admin.live import started_together, wait_until
+from tests.gateway.live import site_loading_on_request
 
 SMALL = "Small-Chat-200M"
 ANSWER_TIMEOUT_MS = 90_000
@@ -27,18 +26,8 @@ ANSWER_TIMEOUT_MS = 90_000
 
 @pytest.fixture(scope="module")
 def site(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    config = {"model": {"model_name": TINY, "load_throttle_mbps": 80}, "developer": {"cpu_threads": 1}}
-    port = free_port()
-    env = {"GANTRY_MAX_ANSWER_TOKENS": "8", "GANTRY_REFRESH_INTERVAL": "1"}
-    with started_together(
-        run_tabby(tmp_path_factory.mktemp("tabby"), demo_models, config=config, port=port, ready_timeout=120),
-        run_site(tmp_path_factory.mktemp("site"), f"http://127.0.0.1:{port}", extra_env=env),
-    ) as (tabby, site):
-        wait_loaded(tabby, TINY, timeout=120)
-        with site.session(ADMIN) as admin:
-            wait_until(lambda: admin.get("/api/admin/models").status_code == 200, 30, "the model list")
-            response = admin.put(f"/api/admin/models/{SMALL}/settings", json={"load_on_request": "everyone"})
-            assert response.status_code == 200, response.text
+    env = {"GANTRY_MAX_ANSWER_TOKENS": "8"}
+    with site_loading_on_request(tmp_path_factory.mktemp("swap"), demo_models, (SMALL,), env) as (_, site):
         yield site
 
 

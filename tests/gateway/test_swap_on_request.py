@@ -27,10 +27,10 @@ import httpx
 import openai
 import pytest
 
-from harness.site import ADMIN, MEMBER, OUTSIDER, Site, run_site
-from harness.tabby_server import TabbyServer, free_port, run_tabby, wait_loaded
-from tests.gateway.live import make_key
-from tests.models_admin.live import backend, query, started_together, wait_until
+from harness.site import ADMIN, MEMBER, OUTSIDER, Site
+from harness.tabby_server import TabbyServer
+from tests.gateway.live import make_key, site_loading_on_request
+from tests.models_admin.live import backend, query, wait_until
 
 TINY, SMALL, LARGE = "Tiny-Chat-5M", "Small-Chat-200M", "Large-Chat-1G"
 MAX_SWAP_WAIT = 3.0
@@ -40,19 +40,9 @@ ASK = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 4
 
 @pytest.fixture(scope="module")
 def servers(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TabbyServer, Site]]:
-    config = {"model": {"model_name": TINY, "load_throttle_mbps": 80}, "developer": {"cpu_threads": 1}}
-    port = free_port()
-    env = {"GANTRY_REFRESH_INTERVAL": "1", "GANTRY_MAX_SWAP_WAIT": str(MAX_SWAP_WAIT)}
-    with started_together(
-        run_tabby(tmp_path_factory.mktemp("tabby"), demo_models, config=config, port=port, ready_timeout=120),
-        run_site(tmp_path_factory.mktemp("site"), f"http://127.0.0.1:{port}", extra_env=env),
-    ) as (tabby, site):
-        wait_loaded(tabby, TINY, timeout=120)
-        with site.session(ADMIN) as admin:
-            wait_until(lambda: admin.get("/api/admin/models").status_code == 200, 30, "the model list")
-        for model in (TINY, SMALL):
-            set_policy(site, model, load_on_request="everyone")
-        yield tabby, site
+    env = {"GANTRY_MAX_SWAP_WAIT": str(MAX_SWAP_WAIT)}
+    with site_loading_on_request(tmp_path_factory.mktemp("swap"), demo_models, (TINY, SMALL), env) as servers:
+        yield servers
 
 
 def set_policy(site: Site, model: str, **policy: Any) -> None:
