@@ -42,22 +42,27 @@ def can_answer(model: str) -> bool:
 def pick(model: str) -> Backend | None:
     """The backend for the next answer for `model`, or None (none ready, or every one at its bound).
     Called under the claim lock (the default backend's row): the counts stay true until the claim."""
-    if not model:
-        return None
-    serving_now = Message.objects.serving(model)  # with their running answers, in one statement
-    if not serving_now:
-        return None
-    candidates = [backend for backend, _ in serving_now]
-    running = {backend.pk: count for backend, count in serving_now}
-    limit = settings.GANTRY_MAX_CONCURRENT_GENERATIONS
-    free = [backend for backend in candidates if running.get(backend.pk, 0) < limit]
-    if not free:
-        return None
-    chosen = min(free, key=lambda backend: running.get(backend.pk, 0))  # the first of equals waited longest
-    if len(candidates) > 1:
+    chosen, candidates = _choose(model)
+    if chosen is not None and candidates > 1:
         # Ties rotate. An UPDATE, not save(): the row's `updated` is the state's version (services).
         Backend.objects.filter(pk=chosen.pk).update(routed_at=timezone.now())
     return chosen
+
+
+def likely(model: str) -> Backend | None:
+    """The backend `pick` would choose now, read without the claim lock (a guess: the claim decides)."""
+    return _choose(model)[0]
+
+
+def _choose(model: str) -> tuple[Backend | None, int]:
+    """The free backend holding `model` with the fewest running answers (of equals, the one that waited
+    longest), and how many backends serve it."""
+    serving_now = Message.objects.serving(model) if model else []  # with their running answers, in one statement
+    running = {backend.pk: count for backend, count in serving_now}
+    limit = settings.GANTRY_MAX_CONCURRENT_GENERATIONS
+    free = [backend for backend, count in serving_now if count < limit]
+    chosen = min(free, key=lambda backend: running[backend.pk]) if free else None
+    return chosen, len(serving_now)
 
 
 def others_for(backend: Backend, model: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Sequence
@@ -23,7 +24,7 @@ from django.utils import timezone
 from chat.balance import others_for
 from chat.models import Message
 from chat.prompts import asked, history
-from chat.streaming import Pace, Prompt, Stopped, opened, relay, too_long
+from chat.streaming import Pace, Prompt, Stopped, failure_sentence, opened, relay
 from chat.usage import Spent, record
 from gantry.background import spawn
 from gantry.broadcast import DoneEvent, ErrorEvent, Event, MessageEvent, abroadcast, broadcast, conversation_group
@@ -132,27 +133,48 @@ class EarlyRequest:
     at once): the first token waits on the request, not on the database.
 
     The posting thread calls `send`, saves the rows, then `saved` (or `withdraw` when nothing was saved:
-    the request is closed, which ends the generation upstream).
+    the request is closed, which ends the generation upstream). A request may go out on a guess of its
+    backend made before the claim lock is taken (an API request, before its conversation is written):
+    `to` keeps it when the claim picks the same backend, else withdraws it and sends it where it belongs.
     """
 
     def __init__(self) -> None:
-        self._saved: concurrent.futures.Future[Answer | None] = concurrent.futures.Future()
+        self.backend: Backend | None = None  # where the request went, while it stands
+        self._saved: concurrent.futures.Future[Answer | None] | None = None
 
     def send(self, history: Prompt, then: Callable[[], None], backend: Backend) -> None:
+        self.withdraw()
+        saved: concurrent.futures.Future[Answer | None] = concurrent.futures.Future()
+        self._saved, self.backend = saved, backend
         taken = threading.Event()
-        spawn(_generate(history, self._when_saved(), then, backend, taken))
+        spawn(_generate(history, _when(saved), then, backend, taken))
         # Saving the rows needs the interpreter, as sending the request does: the request goes first.
         taken.wait(timeout=REQUEST_HEAD_START)
 
+    def to(self, backend: Backend | None, history: Callable[[Backend], Prompt], then: Callable[[], None]) -> None:
+        """The claim picked `backend` (None: the message is held): the request goes there, or nowhere."""
+        sent_to = self.backend
+        if backend is not None and sent_to is not None and (sent_to.pk, sent_to.active_model) == (backend.pk, backend.active_model):
+            return  # the guess was right: the request is on its way
+        self.withdraw()
+        if backend is not None:
+            self.send(history(backend), then, backend)
+
     def saved(self, answer: Answer) -> None:
-        self._saved.set_result(answer)
+        self._settle(answer)  # unless it was withdrawn meanwhile (an API request's caller went away)
 
     def withdraw(self) -> None:
-        if not self._saved.done():
-            self._saved.set_result(None)
+        self._settle(None)
+        self.backend = None
 
-    async def _when_saved(self) -> Answer | None:
-        return await asyncio.wrap_future(self._saved)
+    def _settle(self, answer: Answer | None) -> None:
+        if self._saved is not None:
+            with contextlib.suppress(concurrent.futures.InvalidStateError):  # the first word stands
+                self._saved.set_result(answer)
+
+
+async def _when(saved: concurrent.futures.Future[Answer | None]) -> Answer | None:
+    return await asyncio.wrap_future(saved)
 
 
 class _Announcement:
@@ -305,23 +327,6 @@ def _finish(
 def _fresh_event(message_id: int) -> dict[str, Any] | None:
     message = Message.objects.filter(pk=message_id).first()
     return message.as_event() if message is not None else None
-
-
-def failure_sentence(exc: BackendError, kept: bool = True) -> str:
-    """The sentence for a failed answer; `kept`: a chat message, which Retry sends again (not so an API
-    request, whose caller sends it again)."""
-    reason = exc.message.rstrip(". ")
-    if not kept:
-        return f"The model server could not answer ({reason})."
-    if isinstance(exc, BackendUnavailable):
-        return "The model server cannot be reached right now. Your message is kept: press Retry to send it again."
-    if isinstance(exc, NoModelLoaded):
-        return "No model is loaded right now. Your message is kept: press Retry once a model is loaded."
-    if too_long(exc):
-        return f"This message is too long for the model ({reason}). Shorten it and send it as a new message."
-    if isinstance(exc, GenerationFailed):
-        return f"The model stopped with an error ({reason}). Your message is kept: press Retry to send it again."
-    return f"The model server answered with an error ({reason}). Your message is kept: press Retry to send it again."
 
 
 def _held_back(question: Message, exc: BackendError, backend: Backend) -> bool:

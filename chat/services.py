@@ -117,14 +117,18 @@ def delete_conversation(conversation: Conversation) -> None:
 # Messages
 
 
-def post_message(conversation_id: int, content: object, request: dict[str, Any] | None = None) -> Message:
+def post_message(
+    conversation_id: int, content: object, request: dict[str, Any] | None = None, early: EarlyRequest | None = None
+) -> Message:
     """Save the user's message in their conversation (its owner was checked by the caller) and start its
     answer. `request`: a request of the OpenAI-compatible API (chat.prompts.asked), answered instead of
-    the conversation's history; its conversation is not shown in the sidebar."""
+    the conversation's history; its conversation is not shown in the sidebar. `early`: its answer's
+    request, already sent to the backend it will most likely go to (kept if the claim agrees)."""
     content = _checked_content(content)
     # With no transaction of a caller's open, the answer's request goes to TabbyAPI while the message is
     # saved: the commit, not the caller, decides whether it stands.
-    early = EarlyRequest() if not transaction.get_connection().in_atomic_block else None
+    if early is None and not transaction.get_connection().in_atomic_block:
+        early = EarlyRequest()
     try:
         with transaction.atomic():
             conversation, message, reply, backend = _save_question(conversation_id, content, early, request)
@@ -180,8 +184,8 @@ def _save_question(
     default = default_backend(locked=True)  # the claim lock
     backend = admit(conversation_id, conversation_model(conversation_id, default), default)
     answer_now = backend is not None
-    if backend is not None and early is not None:
-        early.send(_prompt(conversation_id, content, request, backend.active_model), then=wake, backend=backend)
+    if early is not None:
+        early.to(backend, lambda chosen: _prompt(conversation_id, content, request, chosen.active_model), then=wake)
     conversation = Conversation.objects.filter(pk=conversation_id).first()
     if conversation is None:
         raise ValidationError("This conversation was deleted.")

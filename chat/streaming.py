@@ -19,7 +19,7 @@ from gantry.broadcast import TokenEvent, abroadcast, conversation_group
 from gantry.metrics import FIRST_TOKEN_SECONDS, TOKENS_PER_SECOND
 from models_admin.clients import answer_client
 from models_admin.models import Backend
-from models_admin.tabby_errors import BackendBadResponse, BackendError
+from models_admin.tabby_errors import BackendBadResponse, BackendError, BackendUnavailable, GenerationFailed, NoModelLoaded
 from models_admin.tabby_sse import ChatDelta
 
 
@@ -92,6 +92,23 @@ class Prompt:
 
 def too_long(exc: BackendError) -> bool:
     return isinstance(exc, BackendBadResponse) and exc.status == 400 and "context length" in exc.message.lower()
+
+
+def failure_sentence(exc: BackendError, kept: bool = True) -> str:
+    """The sentence for a failed answer; `kept`: a chat message, which Retry sends again (not so an API
+    request, whose caller sends it again)."""
+    reason = exc.message.rstrip(". ")
+    if not kept:
+        return f"The model server could not answer ({reason})."
+    if isinstance(exc, BackendUnavailable):
+        return "The model server cannot be reached right now. Your message is kept: press Retry to send it again."
+    if isinstance(exc, NoModelLoaded):
+        return "No model is loaded right now. Your message is kept: press Retry once a model is loaded."
+    if too_long(exc):
+        return f"This message is too long for the model ({reason}). Shorten it and send it as a new message."
+    if isinstance(exc, GenerationFailed):
+        return f"The model stopped with an error ({reason}). Your message is kept: press Retry to send it again."
+    return f"The model server answered with an error ({reason}). Your message is kept: press Retry to send it again."
 
 
 @asynccontextmanager

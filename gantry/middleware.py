@@ -25,9 +25,20 @@ from gantry.probes import early_response
 
 
 class OnTheLoop:
-    """For a MiddlewareMixin whose hooks never block: in async mode, call them without a thread hop."""
+    """For a MiddlewareMixin whose hooks never block: in async mode, call them without a thread hop
+    (`process_view` too, which Django would otherwise run in a thread of its own for each request)."""
 
     get_response: Any
+
+    def __init__(self, get_response: Any) -> None:
+        super().__init__(get_response)  # type: ignore[call-arg]
+        process_view = getattr(self, "process_view", None)
+        if process_view is not None and iscoroutinefunction(get_response):
+
+            async def on_the_loop(*args: Any) -> Any:
+                return process_view(*args)
+
+            setattr(self, "process_view", on_the_loop)  # Django adapts the method it finds here
 
     async def __acall__(self, request: HttpRequest) -> HttpResponse:
         response = self.process_request(request) if hasattr(self, "process_request") else None

@@ -6,7 +6,10 @@ sync view's request body is read on the loop, then the whole WSGI application (m
 response) runs in one thread of a bounded pool, and the answer is sent from the loop. Async views (the
 admin API, whose switch call waits for the switch) go to Django's ASGI handler; both handlers are built
 from the one `settings.MIDDLEWARE`, whose hooks run on the loop for async views (gantry/middleware.py),
-so a waiting call holds no thread.
+so a waiting call holds no thread. An async view's request starts on the loop: the database connections
+Django tidies as a request starts are those of a thread, and an async view's database work runs in a web
+thread that tidies its own around each call (`in_web_thread`), so only the threaded requests tidy them
+at their start (`tidy_connections_in_threads_only`).
 
 Views that check passwords (the logins, marked with `checks_passwords`) run in threads of their own,
 GANTRY_LOGIN_THREADS: hashing a password takes most of a second of a core, and logins (a crowd of
@@ -26,7 +29,9 @@ from typing import IO, Any, TypeVar
 from asgiref.sync import iscoroutinefunction
 from asgiref.wsgi import WsgiToAsgiInstance
 from django.conf import settings
-from django.db import close_old_connections
+from django.core.handlers.wsgi import WSGIHandler
+from django.core.signals import request_started
+from django.db import close_old_connections, reset_queries
 from django.urls import Resolver404, resolve
 
 BODY_IN_MEMORY = 65536  # bytes of a request body kept in memory before it spills to a temporary file
@@ -96,6 +101,15 @@ def _with_connections(func: Callable[..., T], args: tuple[Any, ...]) -> T:
         return func(*args)
     finally:
         close_old_connections()
+
+
+def tidy_connections_in_threads_only() -> None:
+    """Django tidies the thread's connections as any request starts: for an async view, that is a hop to
+    a thread of its own that holds none (ASGIHandler sends the signal to sync receivers in a thread),
+    before the view can start. The threaded requests (WSGIHandler) still tidy theirs as they start."""
+    for receiver in (reset_queries, close_old_connections):
+        request_started.disconnect(receiver)
+        request_started.connect(receiver, sender=WSGIHandler)
 
 
 class ThreadedWSGI:

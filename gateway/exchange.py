@@ -12,7 +12,7 @@ gone), the conversation is deleted: an answer still running stops within a secon
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,20 +21,24 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.core.exceptions import ValidationError
 
-from chat import services
+from chat import prompts, services
 from chat.balance import can_answer, default_model
-from chat.generation import cancel_here
+from chat.generation import EarlyRequest, cancel_here
 from chat.models import Conversation, Message
-from chat.queue import schedule_positions
+from chat.queue import first_guess, schedule_positions, wake
 from gantry.background import spawn
 from gantry.broadcast import CHAT_GROUP, Listening, conversation_group
 from gantry.serving import in_web_thread
-from gateway.openai_input import ApiError, Asked
+from gateway.keys import user_of
+from gateway.openai_input import ApiError, Asked, json_body
 from models_admin.services import chat_state
 from models_admin.swap_scheduler import LoadRefused, check_request
 
 COMMENT_EVERY = 5.0  # seconds: a held request hears where it stands at least this often
 RETRY_AFTER = 30  # seconds, said to a request refused for waiting too long
+WRONG_KEY = (
+    "This API key is not valid: it was revoked, mistyped, or its account is deactivated. Make a new one on the API keys page."
+)
 
 
 @dataclass
@@ -80,16 +84,43 @@ def requested_model(user: Any, model: str | None) -> str:
     return model
 
 
-def _open(user: Any, model: str | None) -> Conversation:
-    """The request's conversation, picking the model it is for (the request goes to a backend holding it)."""
-    picked = requested_model(user, model)
-    return Conversation.objects.create(owner=user, title="API request", source=Conversation.Source.API, model_name=picked)
+@dataclass
+class Begun:
+    """A request read and its conversation written, its answer's request perhaps already sent (`early`)."""
+
+    user: Any
+    asked: Asked
+    conversation: Conversation
+    early: EarlyRequest
 
 
-def _post(conversation: Conversation, asked: Asked) -> tuple[Message, str]:
+def begin(key: str, body: bytes, read: Callable[[dict[str, Any]], Asked]) -> Begun:
+    """In one web thread, on the way of the first token: the key's user (401), the request read (400),
+    the model it is for (404, 403); its answer's request sent to the backend most likely to answer it
+    (the claim, once its question is saved, keeps it or sends it elsewhere); its conversation written."""
+    user = user_of(key)
+    if user is None:
+        raise ApiError(401, WRONG_KEY, code="invalid_api_key")
+    asked = read(json_body(body))
+    picked = requested_model(user, asked.model)
+    early = EarlyRequest()
+    guess = first_guess(picked)
+    if guess is not None:
+        early.send(prompts.asked(asked.request, guess.active_model), then=wake, backend=guess)
+    try:
+        conversation = Conversation.objects.create(
+            owner=user, title="API request", source=Conversation.Source.API, model_name=picked
+        )
+    except BaseException:
+        early.withdraw()
+        raise
+    return Begun(user, asked, conversation, early)
+
+
+def _post(begun: Begun) -> tuple[Message, str]:
     """The request's question, and the model of the backend answering it ("" while it is held): known
     here, the first token need not look it up."""
-    question = services.post_message(conversation.pk, asked.content, request=asked.request)
+    question = services.post_message(begun.conversation.pk, begun.asked.content, request=begun.asked.request, early=begun.early)
     return question, question.backend.active_model if question.backend is not None else ""
 
 
@@ -129,12 +160,14 @@ def waiting_text(progress: dict[str, Any] | None, state: dict[str, Any] | None, 
 
 
 class Exchange:
-    def __init__(self, user: Any, asked: Asked) -> None:
-        self.user, self.asked = user, asked
+    def __init__(self) -> None:
+        self.user: Any = None
+        self.asked = Asked(kind="chat", request={}, content="")
         self.layer = get_channel_layer()
         self.channel = ""
         self.groups: list[str] = []
         self.conversation_id: int | None = None
+        self.early: EarlyRequest | None = None
         self.question_id = 0
         self.started = False
         self.held_since = time.monotonic()
@@ -146,18 +179,19 @@ class Exchange:
         self.picked = ""  # the model it names, when it names one (not the default)
         self.listening: Listening | None = None
 
-    async def open(self) -> None:
-        """Post the request to the queue (listening first, so no event of it is missed); a full queue is
-        429, as chat refuses the message."""
-        conversation = await in_web_thread(_open, self.user, self.asked.model)
-        self.conversation_id, self.picked = conversation.pk, conversation.model_name
+    async def open(self, key: str, body: bytes, read: Callable[[dict[str, Any]], Asked]) -> None:
+        """Read the request and post it to the queue (listening first, so no event of it is missed); a
+        full queue is 429, as chat refuses the message."""
+        begun = await in_web_thread(begin, key, body, read)
+        self.user, self.asked, self.early = begun.user, begun.asked, begun.early
+        self.conversation_id, self.picked = begun.conversation.pk, begun.conversation.model_name
         self.channel = await self.layer.new_channel()
         self.listening = Listening(self.layer, self.channel)
-        self.groups = [conversation_group(conversation.pk), CHAT_GROUP]
+        self.groups = [conversation_group(begun.conversation.pk), CHAT_GROUP]
         for group in self.groups:
             await self.layer.group_add(group, self.channel)
         try:
-            question, self.model = await in_web_thread(_post, conversation, self.asked)
+            question, self.model = await in_web_thread(_post, begun)
         except ValidationError as exc:
             self.close()
             raise ApiError(429, " ".join(exc.messages), kind="rate_limit_error", code="queue_full") from None
@@ -172,6 +206,8 @@ class Exchange:
         spawned, never awaited here)."""
         if self.listening is not None:
             self.listening.close()
+        if self.early is not None:
+            self.early.withdraw()  # a request sent before its question was saved, if it never was
         conversation_id, self.conversation_id = self.conversation_id, None
         spawn(self._leave(list(self.groups), self.channel, conversation_id))
 

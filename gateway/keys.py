@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from datetime import timedelta
+from datetime import UTC, timedelta
 from typing import Any
 
+from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
+from django.db import connection
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
@@ -73,11 +75,21 @@ def user_of(key: str) -> Any | None:
     """The active user whose key this is (and the key's last use noted), or None."""
     if not key or len(key) > LONGEST_KEY or not key.isascii():
         return None
-    row = ApiKey.objects.select_related("owner").filter(digest=digest(key)).first()
-    if row is None or not row.owner.is_active:
+    # One plain statement: the ORM takes several times longer to build this join than the database
+    # takes to answer it, on the way of every request.
+    users, keys = (connection.ops.quote_name(model._meta.db_table) for model in (get_user_model(), ApiKey))
+    sql = (
+        f"SELECT u.*, k.id AS key_id, k.last_used AS key_last_used FROM {users} u"
+        f" JOIN {keys} k ON k.owner_id = u.id WHERE k.digest = %s"
+    )
+    found: list[Any] = list(get_user_model().objects.raw(sql, [digest(key)]))
+    if not found or not found[0].is_active:
         return None
-    now = timezone.now()
-    if row.last_used is None or now - row.last_used >= TOUCH_EVERY:
+    user, now = found[0], timezone.now()
+    last_used = user.key_last_used
+    if last_used is not None and timezone.is_naive(last_used):  # SQLite's, in UTC
+        last_used = timezone.make_aware(last_used, UTC)
+    if last_used is None or now - last_used >= TOUCH_EVERY:
         stale = Q(last_used__isnull=True) | Q(last_used__lt=now - TOUCH_EVERY)
-        ApiKey.objects.filter(stale, pk=row.pk).update(last_used=now)
-    return row.owner
+        ApiKey.objects.filter(stale, pk=user.key_id).update(last_used=now)
+    return user

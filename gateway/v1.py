@@ -17,17 +17,14 @@ from django.views.decorators.csrf import csrf_exempt
 
 from chat.balance import default_model
 from gantry.serving import in_web_thread
-from gateway.exchange import Comment, Ended, Exchange, Restart, Text
+from gateway.exchange import WRONG_KEY, Comment, Ended, Exchange, Restart, Text
 from gateway.keys import user_of
-from gateway.openai_input import ApiError, Asked, chat_request, completion_request, json_body
+from gateway.openai_input import ApiError, Asked, chat_request, completion_request
 from models_admin.services import served_models
 
 NO_KEY = (
     "No API key was sent. Send your personal key in the header `Authorization: Bearer <key>` "
     "(make one on the API keys page of your profile)."
-)
-WRONG_KEY = (
-    "This API key is not valid: it was revoked, mistyped, or its account is deactivated. Make a new one on the API keys page."
 )
 CUT_OFF = "The answer was cut off by a model switch after it had begun. Send the request again."
 
@@ -49,8 +46,10 @@ def bearer(request: HttpRequest) -> Any:
     return key.strip()
 
 
-def openai_view(methods: tuple[str, ...]) -> Callable[[Any], Any]:
-    """The key checked (401 in OpenAI's shape), the method checked (405), every refusal in OpenAI's shape."""
+def openai_view(methods: tuple[str, ...], keyed: bool = False) -> Callable[[Any], Any]:
+    """The key checked (401 in OpenAI's shape), the method checked (405), every refusal in OpenAI's shape.
+    `keyed`: the view is given the key and looks its user up itself (with the rest of its first database
+    work, in one hop to a web thread), else the user."""
 
     def wrap(view: Any) -> Any:
         @wraps(view)
@@ -58,7 +57,8 @@ def openai_view(methods: tuple[str, ...]) -> Callable[[Any], Any]:
             try:
                 if request.method not in methods:
                     raise ApiError(405, f"Use {' or '.join(methods)} for {request.path}.", code="method_not_allowed")
-                user = await in_web_thread(user_of, bearer(request))
+                key = bearer(request)
+                user = key if keyed else await in_web_thread(user_of, key)
                 if user is None:
                     raise ApiError(401, WRONG_KEY, code="invalid_api_key")
                 response: HttpResponseBase = await view(request, user)
@@ -87,14 +87,14 @@ async def models(request: HttpRequest, user: Any) -> HttpResponseBase:
     return JsonResponse({"object": "list", "data": data})
 
 
-@openai_view(("POST",))
-async def chat_completions(request: HttpRequest, user: Any) -> HttpResponseBase:
-    return await answer(user, chat_request(json_body(request.body)))
+@openai_view(("POST",), keyed=True)
+async def chat_completions(request: HttpRequest, key: str) -> HttpResponseBase:
+    return await answer(key, request.body, chat_request)
 
 
-@openai_view(("POST",))
-async def completions(request: HttpRequest, user: Any) -> HttpResponseBase:
-    return await answer(user, completion_request(json_body(request.body)))
+@openai_view(("POST",), keyed=True)
+async def completions(request: HttpRequest, key: str) -> HttpResponseBase:
+    return await answer(key, request.body, completion_request)
 
 
 class Shape:
@@ -133,13 +133,14 @@ def sse(payload: Any) -> bytes:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
 
 
-async def answer(user: Any, asked: Asked) -> HttpResponseBase:
-    exchange = Exchange(user, asked)
+async def answer(key: str, body: bytes, read: Callable[[dict[str, Any]], Asked]) -> HttpResponseBase:
+    exchange = Exchange()
     try:
-        await exchange.open()  # 429 when the queue is full, before any answer starts
+        await exchange.open(key, body, read)  # 401, 400, 404, 403 or 429 before any answer starts
     except asyncio.CancelledError:
         exchange.close()  # the caller went away while the request was being queued
         raise
+    asked = exchange.asked
     shape = Shape(asked, exchange)
     if asked.stream:
         response = StreamingHttpResponse(streamed(exchange, shape), content_type="text/event-stream")
@@ -172,6 +173,7 @@ async def streamed(exchange: Exchange, shape: Shape) -> AsyncIterator[bytes]:
     ahead`); then its chunks, the last with its finish reason, its usage if asked, and `data: [DONE]`.
     A refusal after the stream began is an error event, as OpenAI sends one."""
     sent = False
+    yield b""  # the status and headers go out now: the caller knows its request was taken
     try:
         async for piece in exchange.pieces():
             if isinstance(piece, Comment):
