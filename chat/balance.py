@@ -49,15 +49,17 @@ def pick(model: str) -> Backend | None:
     return chosen
 
 
-def likely(model: str) -> Backend | None:
-    """The backend `pick` would choose now, read without the claim lock (a guess: the claim decides)."""
-    return _choose(model)[0]
+def likely(picked: str) -> Backend | None:
+    """The backend `pick` would choose now for a conversation that picked `picked` ("": the default
+    model), read in one statement without the claim lock (a guess: the claim decides)."""
+    return _choose(picked, default_if_blank=True)[0]
 
 
-def _choose(model: str) -> tuple[Backend | None, int]:
+def _choose(model: str, default_if_blank: bool = False) -> tuple[Backend | None, int]:
     """The free backend holding `model` with the fewest running answers (of equals, the one that waited
     longest), and how many backends serve it."""
-    serving_now = Message.objects.serving(model) if model else []  # with their running answers, in one statement
+    # The backends with their running answers, in one statement.
+    serving_now = Message.objects.serving(model) if model or default_if_blank else []
     running = {backend.pk: count for backend, count in serving_now}
     limit = settings.GANTRY_MAX_CONCURRENT_GENERATIONS
     free = [backend for backend, count in serving_now if count < limit]

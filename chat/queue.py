@@ -58,7 +58,7 @@ def first_guess(model: str) -> Backend | None:
     backend `admit` will most likely give it (`model`: the one it names, "" the default), or None when
     none is free. A guess, to send its request early: `admit` decides (messages waiting ahead of it for
     the same model hold it, and the request is withdrawn)."""
-    return likely(model_for(model))
+    return likely(model)
 
 
 def waiting_models(default: Backend | None = None) -> set[str]:

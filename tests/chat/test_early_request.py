@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
+from chat.balance import model_for, pick
 from chat.generation import Answer, EarlyRequest
+from chat.queue import first_guess
 from chat.streaming import Prompt
 from models_admin.models import Backend
 
@@ -79,3 +81,26 @@ def test_without_a_guess_the_claim_sends_it(sent: list[tuple[str, Any]]) -> None
     early = EarlyRequest()
     early.to(backend(3), prompt_for, then=lambda: None)
     assert [where for where, _ in sent] == ["b3/Tiny-Chat-5M"]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("default_state", "default_active", "guessed"),
+    [
+        ("ready", "Tiny-Chat-5M", "default"),  # the default backend holds the default model: the first of equals
+        ("switching", "", "second"),  # during its switch to Tiny, the other backend holding Tiny answers
+        ("ready", "Small-Chat-200M", "default"),  # the default model is what the default backend holds
+    ],
+)
+def test_the_guess_for_the_default_model_is_read_in_one_statement_as_the_claim_reads_it(
+    default_state: str, default_active: str, guessed: str, django_assert_num_queries: Any
+) -> None:
+    Backend.objects.create(name="default", base_url="http://a", state=default_state, active_model=default_active, desired_model="Tiny-Chat-5M")
+    Backend.objects.create(name="second", base_url="http://b", state="ready", active_model="Tiny-Chat-5M")
+    Backend.objects.create(name="third", base_url="http://c", state="ready", active_model="Small-Chat-200M")
+    with django_assert_num_queries(1):
+        chosen = first_guess("")
+    assert chosen is not None and chosen.name == guessed
+    assert pick(model_for("")) == chosen  # what the claim picks
+    assert first_guess("Small-Chat-200M") == pick("Small-Chat-200M") is not None
+    assert first_guess("Large-Chat-1G") is None
