@@ -21,6 +21,7 @@ from gateway.exchange import WRONG_KEY, Comment, Ended, Exchange, Restart, Text
 from gateway.keys import user_of
 from gateway.openai_input import ApiError, Asked, chat_request, completion_request
 from models_admin.services import served_models
+from models_admin.swap_scheduler import loadable_models
 
 NO_KEY = (
     "No API key was sent. Send your personal key in the header `Authorization: Bearer <key>` "
@@ -71,19 +72,22 @@ def openai_view(methods: tuple[str, ...], keyed: bool = False) -> Callable[[Any]
     return wrap
 
 
-def _listed() -> list[str]:
-    """The models served now (the default first), or the default model alone while none is (a switch)."""
+def _listed(is_admin: bool) -> list[str]:
+    """The models served now (the default first), or the default model alone while none is (a switch);
+    then those the caller may have loaded by naming them (their policies' `load_on_request`)."""
     served = served_models()["served"]
     default = default_model()
-    return served if served else [default] if default else []
+    listed = served if served else [default] if default else []
+    return listed + [model for model in loadable_models(is_admin) if model not in listed]
 
 
 @openai_view(("GET",))
 async def models(request: HttpRequest, user: Any) -> HttpResponseBase:
     """The models a request may name: those served now, the default first (during a switch, the one
-    being loaded)."""
+    being loaded), then those a request of this caller would have loaded."""
     now = int(time.time())
-    data = [{"id": model, "object": "model", "created": now, "owned_by": "gantry"} for model in await in_web_thread(_listed)]
+    listed = await in_web_thread(_listed, bool(user.is_staff))
+    data = [{"id": model, "object": "model", "created": now, "owned_by": "gantry"} for model in listed]
     return JsonResponse({"object": "list", "data": data})
 
 

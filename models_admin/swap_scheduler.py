@@ -79,7 +79,7 @@ def check_request(model: str, is_admin: bool) -> None:
     when one has it and its policy lets the caller load it (the scheduler then does); else LoadRefused."""
     if not LanguageModel.objects.filter(name=model, present=True).exists():
         raise LoadRefused(
-            f"There is no model named {model[:200]} on any model server. GET /v1/models lists the models served now.",
+            f"There is no model named {model[:200]} on any model server. GET /v1/models lists the models you may name.",
             404,
             "model_not_found",
         )

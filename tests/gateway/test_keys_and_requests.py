@@ -242,3 +242,24 @@ def test_a_requests_model_is_served_loaded_waited_for_or_refused(alice: User) ->
     ModelSettings.objects.filter(model_name="Large").update(values={"load_on_request": "nobody"})
     Backend.objects.filter(pk=second.pk).update(state=Backend.State.SWITCHING, target_model="Large")
     assert requested_model(alice, "Large") == "Large"  # loading already: waited for, whoever asks
+
+
+# The API's views are async: their database work runs in the web threads, on connections of their own.
+@pytest.mark.django_db(transaction=True)
+def test_models_lists_the_served_models_then_those_the_caller_may_have_loaded(alice: User) -> None:
+    default = Backend.objects.create(name="default", base_url="http://127.0.0.1:9", state=Backend.State.READY, active_model="Tiny")
+    for name in ("Tiny", "Small", "Large", "Huge"):
+        LanguageModel.objects.create(backend=default, name=name)
+    ModelSettings.objects.create(model_name="Large", values={"load_on_request": "everyone"})
+    ModelSettings.objects.create(model_name="Huge", values={"load_on_request": "nobody"})
+    root = User.objects.create_user("root", password="pw-root-123", is_staff=True)
+
+    def listed(user: User) -> list[str]:
+        _, key = keys.create_key(user, "laptop")
+        response = Client().get("/v1/models", HTTP_AUTHORIZATION=f"Bearer {key}")
+        assert response.status_code == 200, response.content
+        assert {(m["object"], m["owned_by"]) for m in response.json()["data"]} == {("model", "gantry")}
+        return [model["id"] for model in response.json()["data"]]
+
+    assert listed(alice) == ["Tiny", "Large"]  # a member may have Large loaded (everyone), not Small (admins)
+    assert listed(root) == ["Tiny", "Large", "Small"]  # served first, then loadable by name; never Huge
