@@ -333,12 +333,18 @@ def served_models() -> dict[str, Any]:
     """The chat page's model picker (without `type`): `served`, the models a ready backend in rotation
     holds, the default first; `loading`, those a backend is loading; `default`, the fleet's default model
     (the default backend's, or the one it should hold)."""
-    default = default_backend()
-    default_model = default.active_model if default.is_ready else default.desired_model
-    ready = Backend.objects.filter(state=Backend.State.READY, in_rotation=True).exclude(active_model="")
-    served = sorted(set(ready.values_list("active_model", flat=True)), key=lambda name: (name != default_model, name))
-    loading = set(Backend.objects.filter(state=Backend.State.SWITCHING).exclude(target_model="").values_list("target_model", flat=True))
-    loading |= set(Backend.objects.exclude(abandoned_load="").values_list("abandoned_load", flat=True))
+    # Every page and socket asks: one read of the backends' few rows, not one query per question.
+    fields = ("name", "state", "in_rotation", "active_model", "desired_model", "target_model", "abandoned_load")
+    rows = [dict(zip(fields, row, strict=True)) for row in Backend.objects.values_list(*fields)]
+    default = next((row for row in rows if row["name"] == DEFAULT_BACKEND), None)
+    if default is None:
+        backend = default_backend()  # made on first use
+        default = {"state": backend.state, "active_model": backend.active_model, "desired_model": backend.desired_model}
+    ready = [row for row in rows if row["state"] == Backend.State.READY and row["active_model"]]
+    default_model = default["active_model"] if default["state"] == Backend.State.READY and default["active_model"] else default["desired_model"]
+    served = sorted({row["active_model"] for row in ready if row["in_rotation"]}, key=lambda name: (name != default_model, name))
+    loading = {row["target_model"] for row in rows if row["state"] == Backend.State.SWITCHING and row["target_model"]}
+    loading |= {row["abandoned_load"] for row in rows if row["abandoned_load"]}
     return {"default": default_model or None, "served": served, "loading": sorted(loading - set(served))}
 
 
