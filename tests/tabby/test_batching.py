@@ -7,11 +7,14 @@ a seed) must be the same tokens, whatever joins, leaves or is cancelled beside t
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 from tabby.engines.base import LoadOptions, SamplingParams
 from tabby.engines.torch_engine import TorchEngine
@@ -137,6 +140,42 @@ async def test_an_answer_joins_a_running_batch_and_leaves_it_while_the_other_goe
     long = await long_task
     assert (short.text, short.tokens) == (short_alone.text, short_alone.tokens)
     assert (long.text, long.tokens, long.finish_reason) == (long_alone.text, 60, "length")
+
+
+async def test_an_answer_arriving_during_a_decode_step_gets_its_first_token_before_the_step_ends(tiny: TorchEngine) -> None:
+    """It is prefilled between two of the step's layers (its first token does not wait for the step under
+    way) and joins the batch at the next step; both answers are what they are alone."""
+    batch = tiny._batch
+    assert batch is not None and tiny.model is not None
+    long_ids, short_ids = prompt(tiny, QUESTIONS[2]), prompt(tiny, QUESTIONS[0])
+    long_alone = await stream(tiny, long_ids, greedy(40))
+    short_alone = await stream(tiny, short_ids, greedy(8))
+    armed, held = threading.Event(), threading.Event()
+
+    def hold(module: torch.nn.Module, args: object) -> None:
+        # The first layer of a decode step waits, once armed, until the short answer has arrived.
+        if armed.is_set() and batch._stepping and not held.is_set():
+            held.set()
+            deadline = time.monotonic() + 10
+            while not batch._pending and time.monotonic() < deadline:
+                time.sleep(0.001)
+
+    hook = tiny.model.base_model.layers[0].register_forward_pre_hook(hook=hold)
+    try:
+        joined_before = batch.joined_mid_step
+        under_way = asyncio.Event()
+        long_task = asyncio.create_task(stream(tiny, long_ids, greedy(40), signal_at=(5, under_way)))
+        await under_way.wait()
+        armed.set()
+        while not held.is_set():
+            await asyncio.sleep(0.001)
+        short = await stream(tiny, short_ids, greedy(8))
+        long = await long_task
+    finally:
+        hook.remove()
+    assert batch.joined_mid_step == joined_before + 1
+    assert (short.text, short.tokens) == (short_alone.text, short_alone.tokens)
+    assert (long.text, long.tokens) == (long_alone.text, long_alone.tokens)
 
 
 async def test_cancelling_one_answer_mid_batch_leaves_the_others_untouched(tiny: TorchEngine) -> None:
