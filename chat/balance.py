@@ -50,8 +50,10 @@ def pick(model: str) -> Backend | None:
 
 
 def likely(picked: str) -> Backend | None:
-    """The backend `pick` would choose now for a conversation that picked `picked` ("": the default
-    model), read in one statement without the claim lock (a guess: the claim decides)."""
+    """The backend `pick` would choose now for a new conversation that picked `picked` ("": the default
+    model), or None when none is free; read in one statement without the claim lock. A guess, to send a
+    request before its message is saved: the claim decides (messages waiting ahead of it for the same
+    model hold it, and the request is withdrawn)."""
     return _choose(picked, default_if_blank=True)[0]
 
 

@@ -20,7 +20,7 @@ from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from chat.balance import can_answer, default_model, likely, model_for, pick
+from chat.balance import can_answer, default_model, model_for, pick
 from chat.generation import Claimed, claim, generate, requeue
 from chat.models import ANSWER_HEARTBEAT_SECONDS, Message
 from gantry.background import spawn
@@ -51,14 +51,6 @@ def admit(conversation_id: int, model: str, default: Backend | None = None) -> B
     if here or (waiting and model in waiting_models(default)):
         return None
     return pick(model)
-
-
-def first_guess(model: str) -> Backend | None:
-    """For a new conversation's first message, before it is saved and outside the claim lock: the
-    backend `admit` will most likely give it (`model`: the one it names, "" the default), or None when
-    none is free. A guess, to send its request early: `admit` decides (messages waiting ahead of it for
-    the same model hold it, and the request is withdrawn)."""
-    return likely(model)
 
 
 def waiting_models(default: Backend | None = None) -> set[str]:

@@ -22,10 +22,10 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 
 from chat import prompts, services
-from chat.balance import can_answer, default_model
+from chat.balance import can_answer, default_model, likely
 from chat.generation import EarlyRequest, cancel_here
 from chat.models import Conversation, Message
-from chat.queue import first_guess, schedule_positions, wake
+from chat.queue import schedule_positions, wake
 from gantry.background import spawn
 from gantry.broadcast import CHAT_GROUP, Listening, conversation_group
 from gantry.serving import in_web_thread
@@ -88,7 +88,6 @@ def requested_model(user: Any, model: str | None) -> str:
 class Begun:
     """A request read and its conversation written, its answer's request perhaps already sent (`early`)."""
 
-    user: Any
     asked: Asked
     conversation: Conversation
     early: EarlyRequest
@@ -104,7 +103,7 @@ def begin(key: str, body: bytes, read: Callable[[dict[str, Any]], Asked]) -> Beg
     asked = read(json_body(body))
     picked = requested_model(user, asked.model)
     early = EarlyRequest()
-    guess = first_guess(picked)
+    guess = likely(picked)
     if guess is not None:
         early.send(prompts.asked(asked.request, guess.active_model), then=wake, backend=guess)
     try:
@@ -114,7 +113,7 @@ def begin(key: str, body: bytes, read: Callable[[dict[str, Any]], Asked]) -> Beg
     except BaseException:
         early.withdraw()
         raise
-    return Begun(user, asked, conversation, early)
+    return Begun(asked, conversation, early)
 
 
 def _post(begun: Begun) -> tuple[Message, str]:
@@ -161,7 +160,6 @@ def waiting_text(progress: dict[str, Any] | None, state: dict[str, Any] | None, 
 
 class Exchange:
     def __init__(self) -> None:
-        self.user: Any = None
         self.asked = Asked(kind="chat", request={}, content="")
         self.layer = get_channel_layer()
         self.channel = ""
@@ -183,7 +181,7 @@ class Exchange:
         """Read the request and post it to the queue (listening first, so no event of it is missed); a
         full queue is 429, as chat refuses the message."""
         begun = await in_web_thread(begin, key, body, read)
-        self.user, self.asked, self.early = begun.user, begun.asked, begun.early
+        self.asked, self.early = begun.asked, begun.early
         self.conversation_id, self.picked = begun.conversation.pk, begun.conversation.model_name
         self.channel = await self.layer.new_channel()
         self.listening = Listening(self.layer, self.channel)
