@@ -15,7 +15,6 @@ from typing import Any
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from chat.balance import default_model
 from gantry.serving import in_web_thread
 from gateway.exchange import WRONG_KEY, Comment, Ended, Exchange, Restart, Text
 from gateway.keys import user_of
@@ -75,9 +74,8 @@ def openai_view(methods: tuple[str, ...], keyed: bool = False) -> Callable[[Any]
 def _listed(is_admin: bool) -> list[str]:
     """The models served now (the default first), or the default model alone while none is (a switch);
     then those the caller may have loaded by naming them (their policies' `load_on_request`)."""
-    served = served_models()["served"]
-    default = default_model()
-    listed = served if served else [default] if default else []
+    picker = served_models()
+    listed = picker["served"] or ([picker["default"]] if picker["default"] else [])
     return listed + [model for model in loadable_models(is_admin) if model not in listed]
 
 

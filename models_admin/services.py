@@ -347,17 +347,12 @@ def served_models() -> dict[str, Any]:
     holds, the default first; `loading`, those a backend is loading; `default`, the fleet's default model
     (the default backend's, or the one it should hold)."""
     # Every page and socket asks: one read of the backends' few rows, not one query per question.
-    fields = ("name", "state", "in_rotation", "active_model", "desired_model", "target_model", "abandoned_load")
-    rows = [dict(zip(fields, row, strict=True)) for row in Backend.objects.values_list(*fields)]
-    default = next((row for row in rows if row["name"] == DEFAULT_BACKEND), None)
-    if default is None:
-        backend = default_backend()  # made on first use
-        default = {"state": backend.state, "active_model": backend.active_model, "desired_model": backend.desired_model}
-    ready = [row for row in rows if row["state"] == Backend.State.READY and row["active_model"]]
-    default_model = default["active_model"] if default["state"] == Backend.State.READY and default["active_model"] else default["desired_model"]
-    served = sorted({row["active_model"] for row in ready if row["in_rotation"]}, key=lambda name: (name != default_model, name))
-    loading = {row["target_model"] for row in rows if row["state"] == Backend.State.SWITCHING and row["target_model"]}
-    loading |= {row["abandoned_load"] for row in rows if row["abandoned_load"]}
+    backends = list(Backend.objects.all())
+    default = next((backend for backend in backends if backend.is_default), None) or default_backend()  # made on first use
+    default_model = default.active_model if default.is_ready else default.desired_model
+    served = sorted({b.active_model for b in backends if b.is_ready and b.in_rotation}, key=lambda name: (name != default_model, name))
+    loading = {b.target_model for b in backends if b.state == Backend.State.SWITCHING and b.target_model}
+    loading |= {b.abandoned_load for b in backends if b.abandoned_load}
     return {"default": default_model or None, "served": served, "loading": sorted(loading - set(served))}
 
 
