@@ -167,8 +167,7 @@ async def test_an_answer_arriving_during_a_decode_step_gets_its_first_token_befo
         long_task = asyncio.create_task(stream(tiny, long_ids, greedy(40), signal_at=(5, under_way)))
         await under_way.wait()
         armed.set()
-        while not held.is_set():
-            await asyncio.sleep(0.001)
+        assert await asyncio.to_thread(held.wait, 10)  # a decode step waits at its first layer
         short = await stream(tiny, short_ids, greedy(8))
         long = await long_task
     finally:
