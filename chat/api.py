@@ -70,8 +70,7 @@ def field(request: Request, name: str, example: str, default: Any = None) -> Any
 
 class ConversationList(ChatAPIView):
     def get(self, request: Request) -> Response:
-        conversations = Conversation.objects.owned_by(request.user).in_chat()
-        return Response(ConversationSerializer(conversations, many=True).data)
+        return Response(ConversationSerializer(Conversation.sidebar(request.user), many=True).data)
 
     def post(self, request: Request) -> Response:
         try:

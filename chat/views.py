@@ -6,8 +6,8 @@ from django.contrib.admin.views.decorators import staff_member_required
 from django.contrib.auth import logout
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
-from django.shortcuts import get_object_or_404, render
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import render
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
@@ -49,8 +49,10 @@ def logout_page(request: HttpRequest) -> HttpResponse:
 
 @login_required
 def chat_page(request: HttpRequest, conversation_id: int | None = None) -> HttpResponse:
-    conversations = Conversation.objects.owned_by(request.user).in_chat()
-    current = get_object_or_404(conversations, pk=conversation_id) if conversation_id is not None else None
+    conversations = Conversation.sidebar(request.user)
+    current = next((c for c in conversations if c.pk == conversation_id), None)
+    if conversation_id is not None and current is None:
+        raise Http404("No such conversation.")
     backend = default_backend()
     check_if_stale(backend)  # the banner follows from the page's socket
     return render(

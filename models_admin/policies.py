@@ -21,6 +21,7 @@ from typing import Any
 
 from django.utils import timezone
 
+from gantry.rows import Rows
 from models_admin.model_settings import ModelSettings
 from models_admin.models import Backend, Operation
 from models_admin.signals import running_answers
@@ -48,6 +49,9 @@ class Policy:
         )
 
 
+ALL_SETTINGS = Rows(ModelSettings)
+
+
 def policy_for(model: str) -> Policy:
     """The model's policy (the defaults for a model without settings, or for no model)."""
     return Policy.of(ModelSettings.objects.values_of(model)) if model else Policy()
@@ -56,7 +60,8 @@ def policy_for(model: str) -> Policy:
 def policies_of(models: Iterable[str]) -> dict[str, Policy]:
     """The policies of several models in one query; a model without settings has the defaults."""
     names = {name for name in models if name}
-    found = {row.model_name: Policy.of(row.values) for row in ModelSettings.objects.filter(model_name__in=names)}
+    # Every page asks (the picker, the Models tab): the few settings rows in one plain statement.
+    found = {row.model_name: Policy.of(row.values) for row in ALL_SETTINGS.fetch() if row.model_name in names}
     return {name: found.get(name, Policy()) for name in names}
 
 

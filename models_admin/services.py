@@ -27,6 +27,7 @@ from gantry.broadcast import (
     ModelStateEvent,
     broadcast,
 )
+from gantry.rows import Rows
 from models_admin.clients import admin_client
 from models_admin.models import DEFAULT_BACKEND, Backend, LanguageModel, Operation
 from models_admin.policies import policies_of, row_fields
@@ -38,15 +39,21 @@ log = logging.getLogger(__name__)
 WATCH_EVERY = 1.0  # seconds between the watchers' checks while the state is in doubt or messages wait
 PAGE_CHECK_AFTER = 5.0  # seconds after a check when a page's view asks for another
 
+# Read by every page, socket and new message: plain statements built once (gantry.rows).
+ALL_BACKENDS = Rows(Backend, order_by="id")
+BACKEND_NAMED = Rows(Backend, "name = %s")
+
 
 def default_backend(locked: bool = False) -> Backend:
     """The backend of TABBY_HOST; `locked` holds its row to the end of the caller's transaction (it is
     also the lock every claim of a held message takes)."""
     # One plain statement: this runs for every new message before its answer's request goes out, and the
     # ORM takes longer to build a get_or_create than the database takes to answer it.
-    table = connection.ops.quote_name(Backend._meta.db_table)
-    lock = f" {connection.ops.for_update_sql()}" if locked and connection.features.has_select_for_update else ""
-    found = list(Backend.objects.raw(f"SELECT * FROM {table} WHERE name = %s{lock}", [DEFAULT_BACKEND]))
+    if locked and connection.features.has_select_for_update:
+        table, lock = connection.ops.quote_name(Backend._meta.db_table), connection.ops.for_update_sql()
+        found = list(Backend.objects.raw(f"SELECT * FROM {table} WHERE name = %s {lock}", [DEFAULT_BACKEND]))
+    else:
+        found = BACKEND_NAMED.fetch([DEFAULT_BACKEND])
     if found:
         return found[0]
     backends = Backend.objects.select_for_update() if locked else Backend.objects
@@ -274,7 +281,7 @@ def model_rows(backend: Backend) -> list[dict[str, Any]]:
     each model, ready; the policy fields are models_admin.policies.row_fields."""
     models = _present_models(backend)
     holding: dict[str, list[Backend]] = {}
-    for ready in Backend.objects.filter(state=Backend.State.READY).order_by("id"):
+    for ready in (backend for backend in ALL_BACKENDS.fetch() if backend.state == Backend.State.READY):
         holding.setdefault(ready.active_model, []).append(ready)
     policies, now = policies_of(name for name, _ in models), timezone.now()
     return [
@@ -347,7 +354,7 @@ def served_models() -> dict[str, Any]:
     holds, the default first; `loading`, those a backend is loading; `default`, the fleet's default model
     (the default backend's, or the one it should hold)."""
     # Every page and socket asks: one read of the backends' few rows, not one query per question.
-    backends = list(Backend.objects.all())
+    backends = ALL_BACKENDS.fetch()
     default = next((backend for backend in backends if backend.is_default), None) or default_backend()  # made on first use
     default_model = default.active_model if default.is_ready else default.desired_model
     served = sorted({b.active_model for b in backends if b.is_ready and b.in_rotation}, key=lambda name: (name != default_model, name))

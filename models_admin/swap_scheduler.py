@@ -38,6 +38,7 @@ from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
 
+from gantry.rows import Rows
 from models_admin import operations
 from models_admin.fleet import backends
 from models_admin.models import Backend, LanguageModel, Operation, Roll
@@ -52,6 +53,7 @@ EVERYONE, NOBODY = "everyone", "nobody"
 RETRY_AFTER = timedelta(seconds=30)
 REFUSED = (operations.UnknownModel, operations.OperationConflict, operations.StillLoading, BackendError)
 LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)
+PRESENT_MODELS = Rows(LanguageModel, "present")  # every chat page's picker asks: built once (gantry.rows)
 
 
 class LoadRefused(Exception):
@@ -100,7 +102,7 @@ def check_request(model: str, is_admin: bool) -> None:
 def loadable_models(is_admin: bool) -> list[str]:
     """The models some backend has that someone of this role may have loaded by asking for them, served now
     or not (the chat page's picker offers those not served after the served ones)."""
-    present = set(LanguageModel.objects.filter(present=True).values_list("name", flat=True))
+    present = {model.name for model in PRESENT_MODELS.fetch()}
     policies = policies_of(present)
     return sorted(name for name in present if may_load(policies[name], is_admin))
 
