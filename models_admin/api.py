@@ -9,6 +9,7 @@ with no `Origin` header, need none: gantry/origins.py).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import wraps
 from typing import Any
 
@@ -53,14 +54,25 @@ def _refusal(request: HttpRequest) -> JsonResponse | None:
     return None
 
 
-def admin_api(view: View) -> View:
-    """The access rules of every admin view; an async view's checks (the session's user) run in a web
-    thread, its own work then on the loop."""
+def admin_api(view: View | None = None, *, start: View | None = None) -> Any:
+    """The access rules of every admin view. An async view's checks (the session's user) run in a web
+    thread, its own work then on the loop; with `start`, its first step in the same web thread (the rules,
+    then `start(request, ...)`, one hop: behind a queue of pages, each hop waits its turn): the view
+    gets what `start` returned, unless that is an answer already (a refusal)."""
+    if view is None:
+        return lambda view: admin_api(view, start=start)
     if iscoroutinefunction(view):
+
+        def first_step(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
+            refusal = _refusal(request)
+            return refusal if refusal is not None or start is None else start(request, *args, **kwargs)
 
         @wraps(view)
         async def async_checked(request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
-            return await in_web_thread(_refusal, request) or await view(request, *args, **kwargs)
+            begun = await in_web_thread(first_step, request, *args, **kwargs)
+            if isinstance(begun, JsonResponse):
+                return begun
+            return await (view(request, begun, *args, **kwargs) if start is not None else view(request, *args, **kwargs))
 
         return csrf_exempt(async_checked)
 
@@ -98,9 +110,16 @@ def refresh(request: HttpRequest) -> JsonResponse:
 # (gantry.serving), then the wait runs on the event loop, holding no thread.
 
 
-@require_POST
-@admin_api
-async def switch(request: HttpRequest) -> JsonResponse:
+@dataclass(frozen=True)
+class Begun:
+    """A switch or unload requested: its operation (None: nothing to do), or the fleet switch's roll."""
+
+    operation: Operation | None = None
+    roll: Roll | None = None
+    fleet: bool = False
+
+
+def begin_switch(request: HttpRequest) -> Begun | JsonResponse:
     body = body_of(request)
     model_id = requested_model(body)
     if model_id is None:
@@ -108,31 +127,29 @@ async def switch(request: HttpRequest) -> JsonResponse:
     strategy = body.get("strategy", Roll.Strategy.ROLLING) if body is not None else Roll.Strategy.ROLLING
     if strategy not in Roll.Strategy.values:
         return detail('The strategy is "rolling" (the default: one backend at a time, the others answering) or "all".', 400)
-    if await in_web_thread(rolling.is_fleet):
-        return await fleet_switch(request, model_id, strategy)
     try:
-        operation = await in_web_thread(operations.request_switch, model_id, request.user, source_of(request))
-    except SWITCH_REFUSALS as exc:
-        return switch_refused(exc, model_id)
-    answer = JsonResponse({"message": f"Model switched to {model_id}", "model_id": model_id})
-    return await when_over(operation, answer, SWITCH_FAILED)
-
-
-async def fleet_switch(request: HttpRequest, model_id: str, strategy: str) -> JsonResponse:
-    """The switch of a fleet (several backends): a roll, answered when it has ended."""
-    try:
-        roll = await in_web_thread(rolling.request_roll, model_id, request.user, source_of(request), strategy)
+        if rolling.is_fleet():
+            return Begun(roll=rolling.request_roll(model_id, request.user, source_of(request), strategy), fleet=True)
+        return Begun(operation=operations.request_switch(model_id, request.user, source_of(request)))
     except rolling.RollConflict as exc:
         message = f"Another fleet switch is running (to {exc.running.to_model}); try again when it ends."
         return detail(message, 409, roll_id=exc.running.pk)
     except SWITCH_REFUSALS as exc:
         return switch_refused(exc, model_id)
-    answer = {"message": f"Model switched to {model_id}", "model_id": model_id, "roll_id": roll.pk if roll else None}
-    if roll is None:
-        return JsonResponse(answer)
-    ended = await rolling.wait_for_roll(roll.pk)
+
+
+@require_POST
+@admin_api(start=begin_switch)
+async def switch(request: HttpRequest, begun: Begun) -> JsonResponse:
+    model_id = requested_model(body_of(request))
+    answer = {"message": f"Model switched to {model_id}", "model_id": model_id}
+    if not begun.fleet:
+        return await when_over(begun.operation, JsonResponse(answer), SWITCH_FAILED)
+    if begun.roll is None:
+        return JsonResponse({**answer, "roll_id": None})
+    ended = await rolling.wait_for_roll(begun.roll.pk)
     if ended.status == Operation.Status.SUCCEEDED:
-        return JsonResponse(answer)
+        return JsonResponse({**answer, "roll_id": begun.roll.pk})
     step = await in_web_thread(rolling.failed_step, ended)
     rolled_back = step.rolled_back if step else False
     return detail(SWITCH_FAILED, 502, reason=ended.error, roll_id=ended.pk, operation_id=step.pk if step else None, rolled_back=rolled_back)
@@ -163,18 +180,21 @@ def switch_refused(exc: Exception, model_id: str, backend: str = "") -> JsonResp
     return detail(message, 409, operation_id=running.pk)
 
 
-@require_POST
-@admin_api
-async def unload(request: HttpRequest) -> JsonResponse:
+def begin_unload(request: HttpRequest) -> Begun | JsonResponse:
     try:
-        operation = await in_web_thread(operations.request_unload, request.user, source_of(request))
+        return Begun(operation=operations.request_unload(request.user, source_of(request)))
     except BackendAuthError as exc:
         return detail(UNLOAD_FAILED, 502, reason=exc.message)
     except operations.StillLoading as exc:
         return detail(exc.message, 409)
     except operations.OperationConflict as exc:
         return detail("A model switch is running; unload when it ends.", 409, operation_id=exc.running.pk)
-    return await when_over(operation, JsonResponse({"message": "Model unloaded successfully"}), UNLOAD_FAILED)
+
+
+@require_POST
+@admin_api(start=begin_unload)
+async def unload(request: HttpRequest, begun: Begun) -> JsonResponse:
+    return await when_over(begun.operation, JsonResponse({"message": "Model unloaded successfully"}), UNLOAD_FAILED)
 
 
 async def when_over(operation: Operation | None, answer: JsonResponse, failed: str) -> JsonResponse:

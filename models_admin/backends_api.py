@@ -11,13 +11,13 @@ from __future__ import annotations
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.http import require_http_methods, require_POST
 
-from gantry.serving import in_web_thread
 from models_admin import fleet, operations, rolling
 from models_admin.api import (
     MODEL_BODY,
     SWITCH_FAILED,
     SWITCH_REFUSALS,
     UNLOAD_FAILED,
+    Begun,
     admin_api,
     body_of,
     detail,
@@ -92,29 +92,29 @@ def resume(request: HttpRequest, name: str) -> JsonResponse:
 # Switch and unload of one backend answer when the operation is over, as the Models API's do.
 
 
-@require_POST
-@admin_api
-async def switch(request: HttpRequest, name: str) -> JsonResponse:
+def begin_switch(request: HttpRequest, name: str) -> Begun | JsonResponse:
     model_id = requested_model(body_of(request))
     if model_id is None:
         return detail(MODEL_BODY, 400)
     try:
-        found = await in_web_thread(fleet.named, name)
-        operation = await in_web_thread(operations.request_switch, model_id, request.user, source_of(request), found)
+        return Begun(operation=operations.request_switch(model_id, request.user, source_of(request), fleet.named(name)))
     except fleet.FleetError as exc:
         return detail(exc.message, exc.status)
     except SWITCH_REFUSALS as exc:
         return switch_refused(exc, model_id, name)
-    answer = JsonResponse({"message": f"Backend {name} switched to {model_id}", "model_id": model_id, "backend": name})
-    return await when_over(operation, answer, SWITCH_FAILED)
 
 
 @require_POST
-@admin_api
-async def unload(request: HttpRequest, name: str) -> JsonResponse:
+@admin_api(start=begin_switch)
+async def switch(request: HttpRequest, begun: Begun, name: str) -> JsonResponse:
+    model_id = requested_model(body_of(request))
+    answer = JsonResponse({"message": f"Backend {name} switched to {model_id}", "model_id": model_id, "backend": name})
+    return await when_over(begun.operation, answer, SWITCH_FAILED)
+
+
+def begin_unload(request: HttpRequest, name: str) -> Begun | JsonResponse:
     try:
-        found = await in_web_thread(fleet.named, name)
-        operation = await in_web_thread(operations.request_unload, request.user, source_of(request), found)
+        return Begun(operation=operations.request_unload(request.user, source_of(request), fleet.named(name)))
     except fleet.FleetError as exc:
         return detail(exc.message, exc.status)
     except BackendAuthError as exc:
@@ -123,4 +123,9 @@ async def unload(request: HttpRequest, name: str) -> JsonResponse:
         return detail(exc.message, 409)
     except operations.OperationConflict as exc:
         return detail(f"A model switch is running on {name}; unload when it ends.", 409, operation_id=exc.running.pk)
-    return await when_over(operation, JsonResponse({"message": f"Model unloaded from backend {name}", "backend": name}), UNLOAD_FAILED)
+
+
+@require_POST
+@admin_api(start=begin_unload)
+async def unload(request: HttpRequest, begun: Begun, name: str) -> JsonResponse:
+    return await when_over(begun.operation, JsonResponse({"message": f"Model unloaded from backend {name}", "backend": name}), UNLOAD_FAILED)
