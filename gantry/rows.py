@@ -22,12 +22,13 @@ Converter = Callable[[Any, Any, Any], Any]
 
 class Rows(Generic[M]):
     """The rows of `model` matching `where` (SQL over its columns, with %s for the parameters; "": all
-    of them), in the order of `order_by` (SQL too)."""
+    of them), in the order of `order_by` (SQL too), the first `limit` of them (0: all)."""
 
-    def __init__(self, model: type[M], where: str = "", order_by: str = "", using: str = "default") -> None:
+    def __init__(self, model: type[M], where: str = "", order_by: str = "", limit: int = 0, using: str = "default") -> None:
         self.model = model
         self.where = where
         self.order_by = order_by
+        self.limit = limit
         self.using = using
         # Each thread has a connection of its own; their converters are the same functions, bound to it.
         self._converters_of: WeakKeyDictionary[Any, list[tuple[int, list[Converter], Any]]] = WeakKeyDictionary()
@@ -42,7 +43,8 @@ class Rows(Generic[M]):
         columns = ", ".join(quote(field.column) for field in self._fields)
         sql = f"SELECT {columns} FROM {quote(self.model._meta.db_table)}"
         sql += f" WHERE {self.where}" if self.where else ""
-        return f"{sql} ORDER BY {self.order_by}" if self.order_by else sql
+        sql += f" ORDER BY {self.order_by}" if self.order_by else ""
+        return f"{sql} LIMIT {int(self.limit)}" if self.limit else sql
 
     def _converters(self, connection: Any) -> list[tuple[int, list[Converter], Any]]:
         found = self._converters_of.get(connection)

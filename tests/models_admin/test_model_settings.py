@@ -14,7 +14,8 @@ from chat.generation import history
 from chat.models import Conversation
 from chat.streaming import Prompt
 from models_admin.model_settings import ModelSettings, SettingsChange
-from models_admin.models import Backend, LanguageModel
+from models_admin.models import Backend, LanguageModel, Operation
+from models_admin.views import ACTIVITY_ROWS
 from models_admin.settings_fields import SettingsInvalid, chat_defaults, clean, load_request
 
 MODEL = "Tiny-Chat-5M"
@@ -155,6 +156,22 @@ def test_each_change_is_audited_and_shown_in_the_activity_log(admin: Client) -> 
     assert "max_seq_len 4096; system_prompt unset" in page and "max_seq_len 2048; system_prompt &quot;Be brief.&quot;" in page
     assert 'root <span class="via">via dashboard</span>' in page and 'root <span class="via">via API</span>' in page
     assert page.index("max_seq_len 2048") < page.index("max_seq_len unset")  # newest first
+
+
+def test_the_activity_log_names_who_asked_and_the_backend_newest_first_and_stops_at_its_limit(seen: Backend, admin: Client) -> None:
+    second = Backend.objects.create(name="second", base_url="http://127.0.0.1:8")
+    ann = User.objects.create_user("ann")
+    for n in range(ACTIVITY_ROWS + 5):
+        Operation.objects.create(backend=seen, kind=Operation.Kind.SWITCH, status=Operation.Status.SUCCEEDED, to_model=f"old-{n}")
+    Operation.objects.create(backend=second, kind=Operation.Kind.UNLOAD, status=Operation.Status.FAILED, requested_by=ann, error="gone")
+    Operation.objects.create(backend=seen, kind=Operation.Kind.SWITCH, source=Operation.Source.DASHBOARD, requested_by=ann, to_model="Tiny")
+    put(admin, {"max_seq_len": 4096})
+    page = admin.get("/admin/activity/").content.decode()
+    assert page.count("<tr class=") == ACTIVITY_ROWS
+    newest = [page.index(text) for text in ("max_seq_len 4096", 'ann <span class="via">via dashboard</span>', "Unload <span")]
+    assert newest == sorted(newest)
+    assert 'Unload <span class="via">on second</span>' in page and "gone" in page
+    assert f"old-{ACTIVITY_ROWS + 4}" in page and "old-0<" not in page  # the oldest fall off
 
 
 def test_the_settings_page_has_a_field_for_every_setting(admin: Client) -> None:
