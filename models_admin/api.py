@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import wraps
+from functools import partial, wraps
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction
@@ -69,7 +69,7 @@ def admin_api(view: View | None = None, *, start: View | None = None) -> Any:
 
         @wraps(view)
         async def async_checked(request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
-            begun = await in_web_thread(first_step, request, *args, **kwargs)
+            begun = await in_web_thread(partial(first_step, request, *args, **kwargs))
             if isinstance(begun, JsonResponse):
                 return begun
             return await (view(request, begun, *args, **kwargs) if start is not None else view(request, *args, **kwargs))

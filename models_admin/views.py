@@ -51,15 +51,17 @@ def backends_tab(request: HttpRequest) -> HttpResponse:
 
 @staff_member_required(login_url="/login/")
 def activity_tab(request: HttpRequest) -> HttpResponse:
-    operations, changes = LATEST_OPERATIONS.fetch(), LATEST_CHANGES.fetch()
-    # Who asked and on which backend, in two reads for the whole page (not a join built per row).
+    # Who asked and on which backend, in two reads for the whole page (not a join built per row); the
+    # backends first: one removed meanwhile takes its operations with it.
     backends = {backend.pk: backend for backend in ALL_BACKENDS.fetch()}
+    operations, changes = LATEST_OPERATIONS.fetch(), LATEST_CHANGES.fetch()
     rows: list[Operation | SettingsChange] = [*operations, *changes]
     users = get_user_model().objects.in_bulk({row.requested_by_id for row in rows if row.requested_by_id})
     for row in rows:
         row.requested_by = users.get(row.requested_by_id) if row.requested_by_id else None
     for operation in operations:
-        operation.backend = backends[operation.backend_id]
+        if operation.backend_id in backends:  # else one added meanwhile: read when the page asks
+            operation.backend = backends[operation.backend_id]
     # One log, newest first: switches and unloads (`started`), settings changes (`created`).
     timed: list[tuple[datetime, dict[str, Any]]] = [(op.started, {"operation": op}) for op in operations]
     timed += [(change.created, {"change": change}) for change in changes]

@@ -81,11 +81,20 @@ def test_the_backends_api_lists_adds_edits_and_removes_backends_and_never_return
         assert admin.delete("/api/admin/backends/third/").status_code == 200
         assert admin.delete("/api/admin/backends/third/").status_code == 404
         assert set(by_name(admin)) == {"default", SECOND}
+        # A backend's switch and unload: the body is read first, then the backend is looked up.
+        for action, body in (("switch", {"model_id": TINY}), ("unload", None)):
+            gone = admin.post(f"/api/admin/backends/third/{action}", json=body)
+            assert gone.status_code == 404 and "third" in gone.json()["detail"], gone.text
+        assert admin.post(f"/api/admin/backends/{SECOND}/switch", json={}).status_code == 400
     with site.session(MEMBER) as member:
         assert member.get("/api/admin/backends").status_code == 403
         assert member.post("/api/admin/backends/gpu-2/drain").status_code == 403
+        assert member.post(f"/api/admin/backends/{SECOND}/switch", json={"model_id": TINY}).status_code == 403
+        assert member.post(f"/api/admin/backends/{SECOND}/unload").status_code == 403
     with httpx.Client(base_url=site.url) as anonymous:
         assert anonymous.get("/api/admin/backends").status_code == 401
+        assert anonymous.post(f"/api/admin/backends/{SECOND}/switch", json={}).status_code == 401
+        assert anonymous.post(f"/api/admin/backends/{SECOND}/unload").status_code == 401
 
 
 # Balancing
