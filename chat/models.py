@@ -60,7 +60,6 @@ class Conversation(models.Model):
 _SIDEBAR = Rows(Conversation, "owner_id = %s AND source = %s", order_by="updated DESC, id DESC")
 
 # An answer being generated saves at least this often; one silent for longer lost its process.
-
 ANSWER_HEARTBEAT_SECONDS = 10
 
 

@@ -281,8 +281,9 @@ def model_rows(backend: Backend) -> list[dict[str, Any]]:
     each model, ready; the policy fields are models_admin.policies.row_fields."""
     models = _present_models(backend)
     holding: dict[str, list[Backend]] = {}
-    for ready in (backend for backend in ALL_BACKENDS.fetch() if backend.state == Backend.State.READY):
-        holding.setdefault(ready.active_model, []).append(ready)
+    for holder in ALL_BACKENDS.fetch():
+        if holder.state == Backend.State.READY:
+            holding.setdefault(holder.active_model, []).append(holder)
     policies, now = policies_of(name for name, _ in models), timezone.now()
     return [
         {
