@@ -22,13 +22,17 @@ Converter = Callable[[Any, Any, Any], Any]
 
 class Rows(Generic[M]):
     """The rows of `model` matching `where` (SQL over its columns, with %s for the parameters; "": all
-    of them), in the order of `order_by` (SQL too), the first `limit` of them (0: all)."""
+    of them), in the order of `order_by` (SQL too), the first `limit` of them (0: all); `for_update`
+    holds them to the end of the caller's transaction, where the database can."""
 
-    def __init__(self, model: type[M], where: str = "", order_by: str = "", limit: int = 0, using: str = "default") -> None:
+    def __init__(
+        self, model: type[M], where: str = "", order_by: str = "", limit: int = 0, for_update: bool = False, using: str = "default"
+    ) -> None:
         self.model = model
         self.where = where
         self.order_by = order_by
         self.limit = limit
+        self.for_update = for_update
         self.using = using
         # Each thread has a connection of its own; their converters are the same functions, bound to it.
         self._converters_of: WeakKeyDictionary[Any, list[tuple[int, list[Converter], Any]]] = WeakKeyDictionary()
@@ -39,12 +43,14 @@ class Rows(Generic[M]):
 
     @cached_property
     def sql(self) -> str:
-        quote = connections[self.using].ops.quote_name
+        connection = connections[self.using]
+        quote = connection.ops.quote_name
         columns = ", ".join(quote(field.column) for field in self._fields)
         sql = f"SELECT {columns} FROM {quote(self.model._meta.db_table)}"
         sql += f" WHERE {self.where}" if self.where else ""
         sql += f" ORDER BY {self.order_by}" if self.order_by else ""
-        return f"{sql} LIMIT {int(self.limit)}" if self.limit else sql
+        sql += f" LIMIT {int(self.limit)}" if self.limit else ""
+        return f"{sql} {connection.ops.for_update_sql()}" if self.for_update and connection.features.has_select_for_update else sql
 
     def _converters(self, connection: Any) -> list[tuple[int, list[Converter], Any]]:
         found = self._converters_of.get(connection)

@@ -19,7 +19,7 @@ from django.utils import timezone
 from models_admin import operations
 from models_admin.models import DEFAULT_BACKEND, Backend, Operation
 from models_admin.policies import unloaded_by_policy
-from models_admin.services import announce_state, default_backend, sync_models
+from models_admin.services import ALL_BACKENDS, announce_state, default_backend, sync_models
 from models_admin.signals import model_ready, running_answers
 from models_admin.tabby_errors import BackendError
 
@@ -40,7 +40,7 @@ class FleetError(Exception):
 def backends() -> list[Backend]:
     """Every backend, the default first."""
     default_backend()
-    return sorted(Backend.objects.all(), key=lambda b: (not b.is_default, b.name))
+    return sorted(ALL_BACKENDS.fetch(), key=lambda b: (not b.is_default, b.name))
 
 
 def named(name: str) -> Backend:

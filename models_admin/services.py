@@ -42,6 +42,7 @@ PAGE_CHECK_AFTER = 5.0  # seconds after a check when a page's view asks for anot
 # Read by every page, socket and new message: plain statements built once (gantry.rows).
 ALL_BACKENDS = Rows(Backend, order_by="id")
 BACKEND_NAMED = Rows(Backend, "name = %s")
+BACKEND_NAMED_LOCKED = Rows(Backend, "name = %s", for_update=True)
 
 
 def default_backend(locked: bool = False) -> Backend:
@@ -49,11 +50,7 @@ def default_backend(locked: bool = False) -> Backend:
     also the lock every claim of a held message takes)."""
     # One plain statement: this runs for every new message before its answer's request goes out, and the
     # ORM takes longer to build a get_or_create than the database takes to answer it.
-    if locked and connection.features.has_select_for_update:
-        table, lock = connection.ops.quote_name(Backend._meta.db_table), connection.ops.for_update_sql()
-        found = list(Backend.objects.raw(f"SELECT * FROM {table} WHERE name = %s {lock}", [DEFAULT_BACKEND]))
-    else:
-        found = BACKEND_NAMED.fetch([DEFAULT_BACKEND])
+    found = (BACKEND_NAMED_LOCKED if locked else BACKEND_NAMED).fetch([DEFAULT_BACKEND])
     if found:
         return found[0]
     backends = Backend.objects.select_for_update() if locked else Backend.objects

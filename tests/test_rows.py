@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
-from django.db import connection
+from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -38,6 +38,10 @@ def test_each_row_has_the_values_the_orm_reads_converted_alike() -> None:
     assert not backends[0]._state.adding  # saved rows, as the ORM's: saving one updates it
     (settings,) = Rows(ModelSettings).fetch()
     assert settings.values == {"pinned": True, "max_seq_len": 2048}
+    locking = Rows(Backend, "name = %s", for_update=True)
+    assert locking.sql.endswith(" FOR UPDATE") == connection.features.has_select_for_update  # SQLite locks the whole file
+    with transaction.atomic():
+        assert [values(b) for b in locking.fetch(["second"])] == [values(backends[1])]
 
 
 def test_only_the_rows_asked_in_the_order_asked() -> None:
