@@ -312,15 +312,16 @@ def _finish(
             "updated": now,
         }
         saved = bool(Message.objects.filter(pk=reply.pk).update(**fields))
+        if saved and spent is not None:
+            # In the answer's transaction: whoever sees it done sees it counted (and a crash between the two
+            # cannot lose the count). Before the answer's end is announced, as an API request's
+            # conversation (whose owner it counts for) goes once its caller has the end.
+            record(question.conversation_id, reply.model_name or (backend.active_model if backend else ""), spent)
     if backend is not None:
         # The model's last request on this backend: its idle time counts from here (models_admin.policies).
         # Outside the answer's transaction: the default backend's row is also the queue's claim lock, which
         # claims would otherwise wait on while the answer's rows are written.
         Backend.objects.filter(pk=backend.pk).update(used_at=now)
-    if saved and spent is not None:
-        # Also after the transaction, in one statement: before the answer's end is announced, as an API
-        # request's conversation (whose owner it counts for) goes once its caller has the end.
-        record(question.conversation_id, reply.model_name or (backend.active_model if backend else ""), spent)
     return saved
 
 

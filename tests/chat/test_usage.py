@@ -114,8 +114,8 @@ def test_a_held_message_counts_the_time_it_waited(site: Site, admin: httpx.Clien
     waited = (created(site, answer_of(site, second["id"])["id"]) - created(site, second["id"])).total_seconds()
 
     assert spent["requests"] == 2
-    assert waited > 0.1
-    assert spent["hold_seconds"] == pytest.approx(waited, abs=0.25)
+    assert waited > 0  # how long depends on where the first answer stops (the demo model may stop early)
+    assert 0 < spent["hold_seconds"] == pytest.approx(waited, abs=0.25)
 
 
 async def test_a_stopped_answer_is_not_counted(site: Site, admin: httpx.Client) -> None:
