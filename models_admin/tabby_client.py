@@ -8,11 +8,12 @@ and tabby_errors (error answers), so the client only moves bytes.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Literal, Self, TypedDict, TypeVar, cast
 
@@ -98,6 +99,7 @@ def completion_call(prompt: str, params: Mapping[str, Any]) -> Call:
 
 
 KEEPALIVE_SECONDS = 4.0
+REST_TIMEOUT = 1.0  # seconds an answer's stream waits for its response's end after `data: [DONE]`
 
 
 @functools.cache
@@ -344,7 +346,8 @@ async def _items(response: httpx.Response, reader: StreamReader[T]) -> AsyncGene
 
 async def _batches(response: httpx.Response, reader: StreamReader[T]) -> AsyncGenerator[list[T], None]:
     """The items of each read of the response, as one list (never empty)."""
-    async for chunk in response.aiter_bytes():
+    chunks = response.aiter_bytes()
+    async for chunk in chunks:
         batch, error = _taken(reader.feed(chunk))
         if batch:
             yield batch
@@ -357,6 +360,19 @@ async def _batches(response: httpx.Response, reader: StreamReader[T]) -> AsyncGe
         yield batch
     if error is not None:
         raise error
+    if reader.done:
+        await _rest(chunks)
+
+
+async def _rest(chunks: AsyncIterator[bytes]) -> None:
+    """The response's end after `data: [DONE]` (the server sends it at once). Read to its end, the
+    connection goes back to the pool for the next answer; left unread, closing the response closes the
+    connection, and the next answer's request would wait for a new one. A server that keeps the response
+    open after `[DONE]` only has it closed, as before."""
+    with suppress(TimeoutError, httpx.HTTPError):
+        async with asyncio.timeout(REST_TIMEOUT):
+            async for _ in chunks:
+                pass
 
 
 def _taken(items: Iterator[T]) -> tuple[list[T], BackendError | None]:

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from harness.tabby_server import ADMIN_KEY, API_KEY, TabbyServer
 from models_admin.tabby_client import TabbyClient, TabbyConfig
 from models_admin.tabby_errors import (
     BackendAuthError,
@@ -558,3 +559,43 @@ async def test_pieces_read_with_an_error_event_are_handed_over_before_the_error(
     with pytest.raises(GenerationFailed, match="out of memory"):
         await batches_of(reads, seen)
     assert seen == [PIECES[:2]]
+
+
+# Connections to the real model server
+
+
+class PortsSeen(httpx.AsyncBaseTransport):
+    """httpx's own transport, noting the local port of the connection each request went out on."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.ports: list[int] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        self.ports.append(response.extensions["network_stream"].get_extra_info("client_addr")[1])
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_answers_in_a_row_go_out_on_one_connection(tabby: TabbyServer) -> None:
+    """An answer's response is read to its end after `[DONE]`: its connection goes back to the pool, and
+    the next answer's request does not wait for a new one. An answer left early closes its connection."""
+    transport = PortsSeen()
+    client = TabbyClient(TabbyConfig(base_url=tabby.url, api_key=API_KEY, admin_key=ADMIN_KEY), transport=transport)
+    try:
+        for _ in range(3):
+            async with client.open_chat_batches(HELLO, max_tokens=4) as batches:
+                ends = [delta.finish_reason async for batch in batches for delta in batch if delta.finish_reason]
+            assert ends in (["stop"], ["length"])
+        async with client.open_chat_batches(HELLO, max_tokens=200) as batches:
+            await anext(batches)  # left after its first piece (a Stop)
+        async with client.open_chat_batches(HELLO, max_tokens=4) as batches:
+            assert [delta async for batch in batches for delta in batch]
+    finally:
+        await client.aclose()
+    assert len(transport.ports) == 5
+    assert len(set(transport.ports[:4])) == 1  # the three answers, and the one after them
+    assert transport.ports[4] != transport.ports[3]  # the one left early took its connection with it
