@@ -157,12 +157,12 @@ class GuardedModelBackend(ModelBackend):
 
     def get_user(self, user_id: Any) -> Any:
         # Every request asks this of its session: one plain statement, built once (gantry.rows).
-        user = _users_by_id().first([user_id])
+        user = users_by_id().first([user_id])
         return user if user is not None and self.user_can_authenticate(user) else None
 
 
 @lru_cache(maxsize=1)
-def _users_by_id() -> Rows[Any]:
+def users_by_id() -> Rows[Any]:
     model = get_user_model()
     return Rows(model, f"{connection.ops.quote_name(str(model._meta.pk.column))} = %s")
 
