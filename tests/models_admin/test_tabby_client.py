@@ -10,10 +10,12 @@ The admin calls block and an answer streams on the event loop (`open_chat`), as 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import socket
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ import httpx
 import pytest
 
 from harness.tabby_server import ADMIN_KEY, API_KEY, TabbyServer
-from models_admin.tabby_client import TabbyClient, TabbyConfig
+from models_admin.tabby_client import REST_TIMEOUT, TabbyClient, TabbyConfig
 from models_admin.tabby_errors import (
     BackendAuthError,
     BackendBadResponse,
@@ -599,3 +601,22 @@ async def test_answers_in_a_row_go_out_on_one_connection(tabby: TabbyServer) -> 
     assert len(transport.ports) == 5
     assert len(set(transport.ports[:4])) == 1  # the three answers, and the one after them
     assert transport.ports[4] != transport.ports[3]  # the one left early took its connection with it
+
+
+class OpenAfterDone(Body):
+    """A server that keeps the response open after `data: [DONE]`."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in super().__aiter__():
+            yield chunk
+        await asyncio.sleep(30)
+
+
+async def test_an_answer_ends_at_done_even_when_the_response_stays_open() -> None:
+    server = streaming([])
+    server.body = OpenAfterDone(cut(CHAT_STREAM, "whole"))
+    started = time.monotonic()
+    deltas = await call(server.transport(), "open_chat", HELLO)
+    assert time.monotonic() - started < REST_TIMEOUT + 1
+    assert [delta.text for delta in deltas] == [*PIECES, ""] and deltas[-1].finish_reason == "stop"
+    assert server.body.closed  # closed once the wait for its end was over
