@@ -15,6 +15,7 @@ import logging
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -29,6 +30,7 @@ from chat.usage import Spent, record
 from gantry.background import spawn
 from gantry.broadcast import DoneEvent, ErrorEvent, Event, MessageEvent, abroadcast, broadcast, conversation_group
 from models_admin.models import Backend
+from models_admin.policies import answer_ended
 from models_admin.services import check_backend, note_nothing_loaded, record_trouble, request_check
 from models_admin.tabby_errors import BackendError, BackendUnavailable, GenerationFailed, NoModelLoaded
 
@@ -268,7 +270,7 @@ async def _ended(
         then()
         return
     spent = pace.spent(answer.held) if status == Message.Status.DONE else None
-    if not await _finish(question, reply, content, status, error, model, backend, spent):
+    if not await _finish(question, reply, content, status, error, model, backend, spent, pace.began()):
         then()  # the conversation was deleted while its answer streamed: nothing left to save or show
         return
     if status == Message.Status.FAILED:
@@ -293,9 +295,11 @@ def _finish(
     model: str = "",
     backend: Backend | None = None,
     spent: Spent | None = None,
+    began: datetime | None = None,
 ) -> bool:
     """Save the ended answer, with the backend and model that gave it, and count an answered one in its
-    user's usage; False when its rows are gone (its conversation was deleted meanwhile)."""
+    user's usage; False when its rows are gone (its conversation was deleted meanwhile). `began`: when
+    its request was sent."""
     with transaction.atomic():
         # A Stop that landed first keeps its "cancelled".
         Message.objects.filter(pk=question.pk, status=Message.Status.GENERATING).update(status=status, error=error)
@@ -318,10 +322,9 @@ def _finish(
             # conversation (whose owner it counts for) goes once its caller has the end.
             record(question.conversation_id, reply.model_name or (backend.active_model if backend else ""), spent)
     if backend is not None:
-        # The model's last request on this backend: its idle time counts from here (models_admin.policies).
         # Outside the answer's transaction: the default backend's row is also the queue's claim lock, which
         # claims would otherwise wait on while the answer's rows are written.
-        Backend.objects.filter(pk=backend.pk).update(used_at=now)
+        answer_ended(backend, now, began or now)
     return saved
 
 

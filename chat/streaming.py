@@ -8,9 +8,11 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
+from django.utils import timezone
 
 from chat.growing import track, untrack
 from chat.models import Message
@@ -50,6 +52,10 @@ class Pace:
             self.first = self.last
             FIRST_TOKEN_SECONDS.labels(model or "unknown").observe(self.first - self.started)
         self.pieces += 1
+
+    def began(self) -> datetime:
+        """When the answer's request was sent, by the wall clock."""
+        return timezone.now() - timedelta(seconds=time.monotonic() - self.started)
 
     def spent(self, held: float) -> Spent:
         """What an answer that ended by itself cost: the model server's token counts (without them, the

@@ -54,6 +54,9 @@ class Backend(models.Model):
     # loaded), and when an answer on it last ended. Idle time counts from the later of the two.
     loaded_at = models.DateTimeField(null=True, blank=True)
     used_at = models.DateTimeField(null=True, blank=True)
+    # When the latest answer that ended on it had begun (its request was sent): the swap scheduler's sign
+    # that its model was asked for while a request for another model waited (models_admin.swap_scheduler).
+    asked_at = models.DateTimeField(null=True, blank=True)
     state = models.CharField(max_length=16, choices=State.choices, default=State.UNLOADED)
     active_model = models.CharField(max_length=200, blank=True, default="")
     target_model = models.CharField(max_length=200, blank=True, default="")

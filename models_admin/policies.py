@@ -8,7 +8,9 @@ of settings_fields), and the questions every part that loads or unloads on its o
 - `load_on_request`: who may have it loaded by asking for it ("nobody", "admins", "everyone").
 
 A backend's clocks are `loaded_at` (when the model it holds was loaded, or first seen loaded) and `used_at`
-(when an answer on it last ended); its idle time counts from the later of the two. What acts on the
+(when an answer on it last ended); its idle time counts from the later of the two. `asked_at` (when the
+latest of its ended answers began) tells the swap scheduler its model was asked for while a request for
+another model waited. What acts on the
 policies (idle unloads, preloads) is in models_admin.policy_actions.
 """
 
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from django.db.models import Case, DateTimeField, F, Value, When
 from django.utils import timezone
 
 from gantry.rows import Rows
@@ -76,6 +79,12 @@ def unloaded_by_policy(backend: Backend) -> bool:
     model it should hold (`desired_model`), which nothing loads again on its own."""
     last = Operation.objects.filter(backend=backend).order_by("-started", "-id").values("kind", "source", "status").first()
     return last == {"kind": Operation.Kind.UNLOAD, "source": Operation.Source.POLICY, "status": Operation.Status.SUCCEEDED}
+
+
+def answer_ended(backend: Backend, now: datetime, began: datetime) -> None:
+    """An answer on `backend` that began at `began` ended `now`: the backend's clocks move on."""
+    latest = Case(When(asked_at__gt=began, then=F("asked_at")), default=Value(began, output_field=DateTimeField()))
+    Backend.objects.filter(pk=backend.pk).update(used_at=now, asked_at=latest)
 
 
 def idle_since(backend: Backend) -> datetime | None:

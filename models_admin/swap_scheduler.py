@@ -8,8 +8,9 @@ request waiting for it), the empty ones before those holding a model; else the l
 nothing at all while a fleet switch (Roll) runs. In a fleet, the default backend comes last among equals:
 the model it holds is the fleet's default, which chat follows.
 
-Grouping: a model still busy (answers running or requests waiting for it) keeps its backend while it
-serves them, but a request for another model waits no longer than GANTRY_MAX_SWAP_WAIT for that: once the
+Grouping: a model still busy (answers running or requests waiting for it, or it answered a request sent
+after the oldest request for the other model was queued: clients asking for both in turn) keeps its
+backend while it serves them, but a request for another model waits no longer than GANTRY_MAX_SWAP_WAIT for that: once the
 oldest request for it has waited that long since it was queued, the busy backend is swapped anyway; its
 running answers finish first, as a switch drains them, and the requests still waiting for its model wait
 for it in turn (their own clock runs from when they were queued, so the model swapped away comes back).
@@ -180,6 +181,15 @@ def _swappable(backend: Backend, now: datetime, policies: dict[str, Policy]) -> 
     return not backend.active_model or may_unload(backend, now, policies.get(backend.active_model, Policy()))
 
 
+def _idle_since_asked(backend: Backend, demand: Demand, waiting: dict[str, datetime]) -> bool:
+    """A ready backend whose model has no answer running and no request waiting, and has not answered a
+    request sent after the one waiting for `demand`'s model was queued: a model asked for in turn with
+    another (clients alternating between two) is busy, and keeps its backend for its group."""
+    if backend.active_model in waiting or running_answers(backend.pk):
+        return False
+    return backend.asked_at is None or backend.asked_at <= demand.since
+
+
 def choose(candidates: list[Backend], demand: Demand, now: datetime, waiting: dict[str, datetime]) -> tuple[Backend, str] | None:
     """The backend to swap for `demand` and why: an idle one first, else the least recently used busy one
     once the request has waited GANTRY_MAX_SWAP_WAIT for its model's group; None: wait. `waiting`: since
@@ -189,7 +199,7 @@ def choose(candidates: list[Backend], demand: Demand, now: datetime, waiting: di
     def order(backend: Backend) -> tuple[bool, bool, datetime]:
         return backend.is_ready, backend.is_default, idle_since(backend) or LONG_AGO
 
-    idle = [b for b in candidates if not b.is_ready or (b.active_model not in waiting and not running_answers(b.pk))]
+    idle = [b for b in candidates if not b.is_ready or _idle_since_asked(b, demand, waiting)]
     if idle:
         chosen = min(idle, key=order)
         return chosen, "it was idle" if chosen.is_ready else "it held nothing"

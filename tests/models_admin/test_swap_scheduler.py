@@ -11,9 +11,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
+from asgiref.sync import async_to_sync
 from django.contrib.auth.models import User
 from django.utils import timezone
 
+from chat.generation import _finish
 from chat.models import Conversation, Message
 from models_admin.model_settings import ModelSettings
 from models_admin.models import Backend, LanguageModel, Operation, Roll
@@ -249,3 +251,35 @@ def test_a_request_for_an_unknown_or_forbidden_model_is_refused_with_a_sentence(
         check_request(LARGE, is_admin=True)
     assert loadable_models(is_admin=False) == []
     assert loadable_models(is_admin=True) == [SMALL, TINY]
+
+
+def test_a_model_asked_for_in_turn_with_another_keeps_its_group_while_idle_between_requests(member: User) -> None:
+    """Clients alternating between two models: between two of its answers the loaded model is idle, but
+    it answered a request sent after the request for the other model was queued, so it is busy (a swap
+    each time it is idle for a moment would load once per request)."""
+    everyone(SMALL)
+    default = backend("default", TINY, used=0.2)
+    held(member, SMALL, waited=2)
+    Backend.objects.filter(pk=default.pk).update(asked_at=timezone.now() - timedelta(seconds=1))
+    assert chosen() == []  # Tiny was asked for after the request for Small came: its group's turn
+    Message.objects.filter(conversation__model_name=SMALL).update(updated=timezone.now() - timedelta(seconds=11))
+    assert chosen() == [(SMALL, "default")]  # not past the bound
+    Message.objects.filter(conversation__model_name=SMALL).update(updated=timezone.now() - timedelta(seconds=0.5))
+    assert chosen() == [(SMALL, "default")]  # its last answer began before this request came: idle
+
+
+def test_an_ended_answer_notes_when_the_latest_answer_on_its_backend_began(member: User) -> None:
+    default = backend("default", TINY)
+    question = answering(member, default)
+    reply = Message.objects.create(
+        conversation=question.conversation, role=Message.Role.ASSISTANT, status=Message.Status.GENERATING
+    )
+    now = timezone.now()
+    finish = async_to_sync(_finish)
+    assert finish(question, reply, "Hi", Message.Status.DONE, "", TINY, default, None, now - timedelta(seconds=5))
+    assert Backend.objects.get(pk=default.pk).asked_at == now - timedelta(seconds=5)
+    finish(question, reply, "Hi", Message.Status.DONE, "", TINY, default, None, now - timedelta(seconds=9))
+    assert Backend.objects.get(pk=default.pk).asked_at == now - timedelta(seconds=5)  # an older one ending later
+    finish(question, reply, "Hi", Message.Status.DONE, "", TINY, default, None, now - timedelta(seconds=2))
+    row = Backend.objects.get(pk=default.pk)
+    assert row.asked_at == now - timedelta(seconds=2) and row.used_at is not None and row.used_at >= now
