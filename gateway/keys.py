@@ -11,7 +11,6 @@ import secrets
 from datetime import timedelta
 from typing import Any
 
-from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.db.models import Q, QuerySet
 from django.utils import timezone
@@ -80,8 +79,10 @@ def user_of(key: str) -> Any | None:
     # Plain statements built once (gantry.rows): the ORM takes several times longer to build a query
     # this small than the database takes to answer it, on the way of every request.
     found = KEY_WITH_DIGEST.first([digest(key)])
-    user = users_by_id().first([found.owner_id]) if found is not None else None
-    if found is None or user is None or not user.is_active:
+    if found is None:
+        return None
+    user = users_by_id().first([found.owner_id])
+    if user is None or not user.is_active:
         return None
     now = timezone.now()
     if found.last_used is None or now - found.last_used >= TOUCH_EVERY:

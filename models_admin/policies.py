@@ -10,8 +10,8 @@ of settings_fields), and the questions every part that loads or unloads on its o
 A backend's clocks are `loaded_at` (when the model it holds was loaded, or first seen loaded) and `used_at`
 (when an answer on it last ended); its idle time counts from the later of the two. `asked_at` (when the
 latest of its ended answers began) tells the swap scheduler its model was asked for while a request for
-another model waited. What acts on the
-policies (idle unloads, preloads) is in models_admin.policy_actions.
+another model waited. What acts on the policies (idle unloads, preloads) is in
+models_admin.policy_actions.
 """
 
 from __future__ import annotations

@@ -10,10 +10,11 @@ the model it holds is the fleet's default, which chat follows.
 
 Grouping: a model still busy (answers running or requests waiting for it, or it answered a request sent
 after the oldest request for the other model was queued: clients asking for both in turn) keeps its
-backend while it serves them, but a request for another model waits no longer than GANTRY_MAX_SWAP_WAIT for that: once the
-oldest request for it has waited that long since it was queued, the busy backend is swapped anyway; its
-running answers finish first, as a switch drains them, and the requests still waiting for its model wait
-for it in turn (their own clock runs from when they were queued, so the model swapped away comes back).
+backend while it serves them, but a request for another model waits no longer than GANTRY_MAX_SWAP_WAIT
+for that: once the oldest request for it has waited that long since it was queued, the busy backend is
+swapped anyway; its running answers finish first, as a switch drains them, and the requests still
+waiting for its model wait for it in turn (their own clock runs from when they were queued, so the model
+swapped away comes back).
 A model just loaded keeps its backend until the requests queued before its load are released (the
 moment it is ready): a swap in between would leave them for another round of loads.
 A request so waits at most GANTRY_MAX_SWAP_WAIT (or the load under way, if longer), the drain and its
