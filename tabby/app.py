@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from tabby.auth import Authenticator, AuthKeys
 from tabby.config import Config
 from tabby.errors import TabbyError
+from tabby.heap import settle
 from tabby.manager import LoadRequest, ModelManager
 from tabby.routes import router
 
@@ -47,6 +48,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     config: Config = app.state.config
     manager = ModelManager(config)
     app.state.manager = manager
+    settle()  # what the imports built lives as long as the server
     if config.model.model_name:
         app.state.startup_load = asyncio.create_task(startup_load(manager, config))
     yield

@@ -19,6 +19,7 @@ from tabby.config import Config
 from tabby.engines import create_engine
 from tabby.engines.base import Engine, LoadOptions
 from tabby.errors import ModelNameError, ModelNotLoadedError
+from tabby.heap import settle
 
 log = logging.getLogger("tabby")
 
@@ -147,6 +148,7 @@ class ModelManager:
             await asyncio.to_thread(engine.unload)
             raise
         self.engine = engine
+        settle()  # the model's objects live as long as it: the collector's passes no longer walk them
         put(progress_event(modules, modules, "finished"))
         log.info("Loaded %s (%d modules)", path.name, modules)
 

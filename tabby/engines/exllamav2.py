@@ -9,7 +9,6 @@ and takes back from it (sampler settings, results, cancelled jobs) in `exllamav2
 from __future__ import annotations
 
 import asyncio
-import gc
 import time
 from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
@@ -52,6 +51,7 @@ from tabby.engines.exllamav2_support import (
     native_max_seq_len,
     round_up_to_page,
 )
+from tabby.heap import collect_all
 from tabby.templating import (
     ChatTemplateError,
     compile_chat_template,
@@ -387,5 +387,5 @@ class ExLlamaV2Engine:
     def _free_memory(self) -> None:
         import torch
 
-        gc.collect()
+        collect_all()
         torch.cuda.empty_cache()

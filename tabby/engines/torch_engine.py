@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import gc
 import json
 import logging
 import re
@@ -36,6 +35,7 @@ from tabby.engines.batch import Batch
 from tabby.engines.rows import MAX_ROWS, install_row_attention
 from tabby.engines.torch_options import named_template, plan_load, render_named
 from tabby.engines.weights import TensorEntry, WeightReader, block_size, index_tensors
+from tabby.heap import collect_all
 
 # Decoder-only architectures whose transformers implementation this engine has been run with.
 SUPPORTED_ARCHITECTURES = frozenset(
@@ -91,7 +91,7 @@ def _release_memory(weights: list[weakref.ref[torch.Tensor]]) -> None:
     still holds them in a reference cycle does a full garbage collection (a pass over every Python
     object of the process, a tenth of a second or more with torch loaded) have to find it."""
     if any(ref() is not None for ref in weights):
-        gc.collect()
+        collect_all()
     try:  # glibc keeps freed heap pages; hand them back so unload really returns memory
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

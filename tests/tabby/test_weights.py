@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
@@ -259,7 +260,7 @@ def test_unloading_frees_the_weights_at_once_without_a_full_garbage_collection(
     # A full collection walks every object of the process (a tenth of a second and more with torch loaded):
     # nothing of a loaded model may hold its weights in a reference cycle that only such a pass would find.
     collections: list[int] = []
-    monkeypatch.setattr(torch_engine.gc, "collect", lambda generation=2: collections.append(generation) or 0)
+    monkeypatch.setattr(gc, "collect", lambda generation=2: collections.append(generation) or 0)
     engine = TorchEngine(tiny_dir, LoadOptions())
     for _ in engine.load_gen():
         pass
