@@ -29,7 +29,7 @@ from chat.queue import wake
 from gantry.background import bind_serving_loop, every, in_thread, repeat
 from gantry.origins import SameSiteSockets
 from gantry.proxy import as_the_proxy_saw_it
-from gantry.serving import ThreadedWSGI, is_async_view, tidy_connections_in_threads_only
+from gantry.serving import ThreadedWSGI, is_async_view, raw_request_bodies, tidy_connections_in_threads_only
 from models_admin.services import request_check
 from models_admin.tabby_client import tls_context
 from models_admin.tasks import refresh_models
@@ -39,6 +39,7 @@ from models_admin.watcher import watch_round
 async_view_application = ASGIHandler()
 threaded_application = ThreadedWSGI(WSGIHandler())
 tidy_connections_in_threads_only()
+raw_request_bodies()
 
 
 async def http(scope: dict[str, Any], receive: Any, send: Any) -> None:

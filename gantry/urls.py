@@ -7,6 +7,8 @@ from gantry import probes
 from gantry.serving import checks_passwords
 
 urlpatterns = [
+    # The OpenAI-compatible API first: its calls are the most frequent, and URLs are tried in order.
+    path("", include("gateway.urls")),
     # The Django admin's own login, in the login threads as the site's (it checks passwords the same way).
     path("django-admin/login/", checks_passwords(admin.site.login)),
     path("django-admin/", admin.site.urls),
@@ -15,5 +17,4 @@ urlpatterns = [
     path("metrics", probes.metrics_view),
     path("", include("chat.urls")),
     path("", include("models_admin.urls")),
-    path("", include("gateway.urls")),
 ]

@@ -132,3 +132,15 @@ def test_an_admin_post_with_a_body_must_send_it_as_json(site: Site) -> None:
         assert (refused.status_code, refused.json()) == (415, expected)
     assert as_json.status_code == 200, as_json.text  # the model already active: switched at once
     assert without_body.status_code == 200, without_body.text
+
+
+def test_a_malformed_form_upload_gets_gantrys_own_answer(site: Site) -> None:
+    """The web server hands bodies over unparsed: a broken multipart body reaches Gantry, which answers
+    it with its sentence, instead of being cut off by a bare 400 of the HTTP layer."""
+    expected = {"detail": "Send the body as JSON, with the header Content-Type: application/json."}
+    broken = {"Content-Type": "multipart/form-data; boundary=gantry"}
+    with site.session(ADMIN) as admin:
+        refused = admin.post("/api/admin/models/switch", content=b"no parts at all", headers=broken)
+        api = httpx.post(site.url + "/v1/chat/completions", content=b"--gantry\r\nbroken", headers=broken)
+    assert (refused.status_code, refused.json()) == (415, expected)
+    assert api.status_code == 401 and api.json()["error"]["code"] == "invalid_api_key"
