@@ -54,7 +54,14 @@ def likely(picked: str) -> Backend | None:
     model), or None when none is free; read in one statement without the claim lock. A guess, to send a
     request before its message is saved: the claim decides (messages waiting ahead of it for the same
     model hold it, and the request is withdrawn)."""
-    return _choose(picked, default_if_blank=True)[0]
+    return likely_and_alone(picked)[0]
+
+
+def likely_and_alone(picked: str) -> tuple[Backend | None, bool]:
+    """`likely(picked)`, and whether that backend is the only one serving the model (then it is the one
+    any claim picks while it stays so)."""
+    chosen, candidates = _choose(picked, default_if_blank=True)
+    return chosen, candidates == 1
 
 
 def _choose(model: str, default_if_blank: bool = False) -> tuple[Backend | None, int]:

@@ -130,6 +130,30 @@ async def _now(answer: Answer) -> Answer | None:
     return answer
 
 
+class _Taken(threading.Event):
+    """Set once TabbyAPI has taken an answer's request (or refused it): waited for by a thread, or on the
+    event loop that sets it (`until`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def set(self) -> None:
+        super().set()
+        for waiter in self._waiters:  # on the loop: `opened` sets it there
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+
+    async def until(self, timeout: float) -> None:
+        if self.is_set():
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(waiter, timeout)
+
+
 class EarlyRequest:
     """An answer whose request goes to TabbyAPI before its rows are saved (a new message that is answered
     at once): the first token waits on the request, not on the database.
@@ -143,15 +167,30 @@ class EarlyRequest:
     def __init__(self) -> None:
         self.backend: Backend | None = None  # where the request went, while it stands
         self._saved: concurrent.futures.Future[Answer | None] | None = None
+        self._closed = False
+        self._taken: _Taken | None = None
+        self._lock = threading.RLock()  # a send from the posting thread and a close from the loop, one at a time
 
-    def send(self, history: Prompt, then: Callable[[], None], backend: Backend) -> None:
-        self.withdraw()
-        saved: concurrent.futures.Future[Answer | None] = concurrent.futures.Future()
-        self._saved, self.backend = saved, backend
-        taken = threading.Event()
-        spawn(_generate(history, _when(saved), then, backend, taken))
-        # Saving the rows needs the interpreter, as sending the request does: the request goes first.
-        taken.wait(timeout=REQUEST_HEAD_START)
+    def send(self, history: Prompt, then: Callable[[], None], backend: Backend, wait: bool = True) -> None:
+        """Send the request (a request sent before is withdrawn). From a thread that saves the rows next,
+        `wait` a moment for TabbyAPI to take it; from the event loop, never wait. Once closed, nothing is sent."""
+        taken = _Taken()
+        with self._lock:
+            self.withdraw()
+            if self._closed:
+                return
+            saved: concurrent.futures.Future[Answer | None] = concurrent.futures.Future()
+            self._saved, self.backend, self._taken = saved, backend, taken
+            spawn(_generate(history, _when(saved), then, backend, taken))
+        if wait:
+            # Saving the rows needs the interpreter, as sending the request does: the request goes first.
+            taken.wait(timeout=REQUEST_HEAD_START)
+
+    async def taken(self) -> None:
+        """On the event loop, after a `send(wait=False)` from it: until TabbyAPI has taken the request, at
+        most REQUEST_HEAD_START (the rows' work, in a thread, would take the interpreter from the request)."""
+        if self._taken is not None:
+            await self._taken.until(REQUEST_HEAD_START)
 
     def to(self, backend: Backend | None, history: Callable[[Backend], Prompt], then: Callable[[], None]) -> None:
         """The claim picked `backend` (None: the message is held): the request goes there, or nowhere."""
@@ -168,6 +207,12 @@ class EarlyRequest:
     def withdraw(self) -> None:
         self._settle(None)
         self.backend = None
+
+    def close(self) -> None:
+        """Withdraw the request for good: its caller went away (a thread may still be about to send it)."""
+        with self._lock:
+            self._closed = True
+            self.withdraw()
 
     def _settle(self, answer: Answer | None) -> None:
         if self._saved is not None:

@@ -12,7 +12,7 @@ from django.db.models import Subquery
 from chat.models import Message
 from chat.streaming import Prompt
 from models_admin.models import Backend, ModelSettings
-from models_admin.settings_fields import chat_defaults
+from models_admin.settings_fields import Values, chat_defaults
 
 
 def history(conversation_id: int, content: str, before: datetime | None = None, model: str | None = None) -> Prompt:
@@ -29,12 +29,14 @@ def history(conversation_id: int, content: str, before: datetime | None = None, 
     return Prompt(turns + [{"role": "user", "content": content}], system, params)
 
 
-def asked(request: dict[str, Any], model: str | None = None) -> Prompt:
+def asked(request: dict[str, Any], model: str | None = None, values: Values | None = None) -> Prompt:
     """What to send TabbyAPI for a request of the OpenAI-compatible API (`{"messages"}` or `{"prompt"}`,
     and `params`, its generation fields): as its caller wrote it, the fields it leaves unset taken from
     the settings of `model` as for chat (a chat without a system message gets the model's system
-    prompt); the answer is never longer than GANTRY_MAX_ANSWER_TOKENS."""
-    values = ModelSettings.objects.values_of(model if model is not None else _served())
+    prompt); the answer is never longer than GANTRY_MAX_ANSWER_TOKENS. `values`: the model's settings,
+    when they were read already (no database work then)."""
+    if values is None:
+        values = ModelSettings.objects.values_of(model if model is not None else _served())
     system, defaults = chat_defaults(values, settings.GANTRY_MAX_ANSWER_TOKENS)
     params = {**defaults, **request.get("params", {})}
     params["max_tokens"] = min(int(params["max_tokens"]), defaults["max_tokens"])

@@ -22,18 +22,22 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 
 from chat import prompts, services
-from chat.balance import can_answer, default_model, likely
+from chat.balance import can_answer, default_model, likely_and_alone
 from chat.generation import EarlyRequest, cancel_here
 from chat.models import Conversation, Message
 from chat.queue import schedule_positions, wake
+from chat.streaming import Prompt
 from gantry.background import spawn
 from gantry.broadcast import CHAT_GROUP, Listening, conversation_group
 from gantry.serving import in_web_thread
-from gateway.keys import user_of
+from gateway.keys import found_valid_within, user_of
 from gateway.openai_input import ApiError, Asked, json_body
+from models_admin.models import Backend, ModelSettings
 from models_admin.services import chat_state
 from models_admin.swap_scheduler import LoadRefused, check_request
 
+QUICK_FOR = 30.0  # seconds a key found valid, and a model's one backend and settings, are trusted by quick_start
+QUICK_BODY = 65536  # bytes of a request body read on the event loop by quick_start (larger ones: in a thread)
 COMMENT_EVERY = 5.0  # seconds: a held request hears where it stands at least this often
 RETRY_AFTER = 30  # seconds, said to a request refused for waiting too long
 WRONG_KEY = (
@@ -93,20 +97,74 @@ class Begun:
     early: EarlyRequest
 
 
-def begin(key: str, body: bytes, read: Callable[[dict[str, Any]], Asked]) -> Begun:
+@dataclass
+class Recent:
+    """How a request for a model was last answered: by the one backend serving it then, with its settings."""
+
+    backend: Backend
+    values: dict[str, Any]
+    at: float
+
+
+@dataclass
+class Sent:
+    """A request whose answer's request went out from the event loop, on trust (`quick_start`)."""
+
+    asked: Asked
+    prompt: Prompt
+    backend: Backend
+
+
+# The model asked for ("": the default) -> how its last request was answered, while one backend served it.
+_recent: dict[str, Recent] = {}
+
+
+def quick_start(key: str, body: bytes, read: Callable[[dict[str, Any]], Asked], early: EarlyRequest) -> Sent | None:
+    """On the event loop, with no database work: when this process found the key valid within
+    QUICK_FOR seconds, and the model asked for was then served by one backend alone, the answer's
+    request goes to that backend at once, with that model's settings as they were. A trust, not a
+    permission: `begin` then checks the key, the model, the backend and the settings in the database,
+    and withdraws the request (before anything of its answer is shown) or sends it again wherever
+    anything differs. None when the request is not sent (it is then sent by `begin`)."""
+    if len(body) > QUICK_BODY or not found_valid_within(key, QUICK_FOR):
+        return None
+    try:
+        asked = read(json_body(body))
+    except ApiError:
+        return None  # refused by `begin`, in its order (the key first)
+    recent = _recent.get(asked.model or "")
+    if recent is None or time.monotonic() - recent.at > QUICK_FOR:
+        return None
+    prompt = prompts.asked(asked.request, recent.backend.active_model, values=recent.values)
+    early.send(prompt, then=wake, backend=recent.backend, wait=False)
+    return Sent(asked, prompt, recent.backend)
+
+
+def begin(key: str, body: bytes, read: Callable[[dict[str, Any]], Asked], early: EarlyRequest, sent: Sent | None = None) -> Begun:
     """In one web thread, on the way of the first token: the key's user (401), the request read (400),
     the model it is for (404, 403); its answer's request sent to the backend most likely to answer it
-    (the claim, once its question is saved, keeps it or sends it elsewhere); its conversation written."""
-    user = user_of(key)
-    if user is None:
-        raise ApiError(401, WRONG_KEY, code="invalid_api_key")
-    asked = read(json_body(body))
-    picked = requested_model(user, asked.model)
-    early = EarlyRequest()
-    guess = likely(picked)
-    if guess is not None:
-        early.send(prompts.asked(asked.request, guess.active_model), then=wake, backend=guess)
+    (the claim, once its question is saved, keeps it or sends it elsewhere), unless the one `sent`
+    already went there with the same prompt; its conversation written. Whatever is refused withdraws
+    the request sent."""
     try:
+        user = user_of(key)
+        if user is None:
+            raise ApiError(401, WRONG_KEY, code="invalid_api_key")
+        asked = sent.asked if sent is not None else read(json_body(body))
+        picked = requested_model(user, asked.model)
+        guess, alone = likely_and_alone(picked)
+        if guess is None:
+            early.withdraw()
+            _recent.pop(asked.model or "", None)
+        else:
+            values = ModelSettings.objects.values_of(guess.active_model)
+            prompt = prompts.asked(asked.request, guess.active_model, values=values)
+            if sent is None or (sent.backend.pk, sent.backend.active_model) != (guess.pk, guess.active_model) or sent.prompt != prompt:
+                early.send(prompt, then=wake, backend=guess)
+            if alone:
+                _recent[asked.model or ""] = Recent(guess, values, time.monotonic())
+            else:
+                _recent.pop(asked.model or "", None)
         conversation = Conversation.objects.create(
             owner=user, title="API request", source=Conversation.Source.API, model_name=picked
         )
@@ -180,8 +238,12 @@ class Exchange:
     async def open(self, key: str, body: bytes, read: Callable[[dict[str, Any]], Asked]) -> None:
         """Read the request and post it to the queue (listening first, so no event of it is missed); a
         full queue is 429, as chat refuses the message."""
-        begun = await in_web_thread(begin, key, body, read)
-        self.asked, self.early = begun.asked, begun.early
+        self.early = EarlyRequest()  # closed with the exchange, even while `begin` runs in its thread
+        sent = quick_start(key, body, read, self.early)
+        if sent is not None:
+            await self.early.taken()
+        begun = await in_web_thread(begin, key, body, read, self.early, sent)
+        self.asked = begun.asked
         self.conversation_id, self.picked = begun.conversation.pk, begun.conversation.model_name
         self.channel = await self.layer.new_channel()
         self.listening = Listening(self.layer, self.channel)
@@ -205,7 +267,7 @@ class Exchange:
         if self.listening is not None:
             self.listening.close()
         if self.early is not None:
-            self.early.withdraw()  # a request sent before its question was saved, if it never was
+            self.early.close()  # a request sent before its question was saved, if it never was
         conversation_id, self.conversation_id = self.conversation_id, None
         spawn(self._leave(list(self.groups), self.channel, conversation_id))
 

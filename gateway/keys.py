@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -27,6 +28,10 @@ KEYS_PER_USER = 50
 LONGEST_KEY = 200  # anything longer is no key of ours, and is refused before it is hashed
 TOUCH_EVERY = timedelta(seconds=60)  # `last_used` is written at most this often per key
 KEY_WITH_DIGEST = Rows(ApiKey, "digest = %s")
+# When each key (by digest) was last found valid in this process. Only a hint, never a permission: an
+# answer's request may go out on it before the key is looked up again (gateway.exchange), and no answer
+# is shown before that look-up.
+_found_valid: dict[str, float] = {}
 
 
 def digest(key: str) -> str:
@@ -69,7 +74,15 @@ def visible_keys(user: Any) -> QuerySet[ApiKey]:
 def revoke(user: Any, key_id: int) -> bool:
     """Revoke a key `user` may see; False when there is none such."""
     deleted, _ = visible_keys(user).filter(pk=key_id).delete()
+    _found_valid.clear()
     return bool(deleted)
+
+
+def found_valid_within(key: str, seconds: float) -> bool:
+    """Whether this process found `key` valid within the last `seconds` (a hint: see `_found_valid`)."""
+    if not key or len(key) > LONGEST_KEY or not key.isascii():
+        return False
+    return time.monotonic() - _found_valid.get(digest(key), -seconds - 1) <= seconds
 
 
 def user_of(key: str) -> Any | None:
@@ -80,10 +93,13 @@ def user_of(key: str) -> Any | None:
     # this small than the database takes to answer it, on the way of every request.
     found = KEY_WITH_DIGEST.first([digest(key)])
     if found is None:
+        _found_valid.pop(digest(key), None)
         return None
     user = users_by_id().first([found.owner_id])
     if user is None or not user.is_active:
+        _found_valid.pop(found.digest, None)
         return None
+    _found_valid[found.digest] = time.monotonic()
     now = timezone.now()
     if found.last_used is None or now - found.last_used >= TOUCH_EVERY:
         stale = Q(last_used__isnull=True) | Q(last_used__lt=now - TOUCH_EVERY)
