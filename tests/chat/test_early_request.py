@@ -5,6 +5,7 @@ belongs, or nowhere. The model servers are faked at the one HTTP seam (httpx's M
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -40,12 +41,14 @@ class Servers:
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, Held]] = []
+        self.bodies: list[dict[str, Any]] = []
         self.arrival = threading.Condition()
 
     def answer(self, request: httpx.Request) -> httpx.Response:
         held = Held()
         with self.arrival:
             self.sent.append((request.url.host, held))
+            self.bodies.append(json.loads(request.content))
             self.arrival.notify_all()
         return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=held)
 
@@ -55,12 +58,22 @@ class Servers:
             assert self.arrival.wait_for(lambda: len(self.sent) >= count, SETTLED), self.sent
         return [host for host, _ in self.sent]
 
+    def bodies_of(self, count: int) -> list[dict[str, Any]]:
+        """The bodies of the requests sent so far, once at least `count` have arrived."""
+        self.hosts(count)
+        return list(self.bodies)
+
     def stream(self, n: int) -> Held:
         return self.sent[n][1]
 
 
 @pytest.fixture
 def servers(monkeypatch: pytest.MonkeyPatch) -> Servers:
+    return faked_servers(monkeypatch)
+
+
+def faked_servers(monkeypatch: pytest.MonkeyPatch) -> Servers:
+    """Every backend's model server, faked: answers' requests are recorded and held open."""
     fake = Servers()
 
     def client(backend: Backend | None = None) -> TabbyClient:

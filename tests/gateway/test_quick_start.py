@@ -7,63 +7,27 @@ servers are faked at the one HTTP seam (httpx's MockTransport)."""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 from django.contrib.auth.models import User
 
-from chat import streaming
 from gateway import exchange, keys
 from gateway.exchange import begin, quick_start
 from gateway.keys import create_key
 from gateway.openai_input import ApiError, chat_request
 from models_admin.models import Backend, ModelSettings
-from models_admin.tabby_client import TabbyClient, TabbyConfig
-from tests.chat.test_early_request import Held, closed
+from tests.chat.test_early_request import Servers, closed, faked_servers
 
 pytestmark = pytest.mark.django_db
 
 BODY = json.dumps({"messages": [{"role": "user", "content": "Hello"}], "stream": True}).encode()
-WAIT = 10.0
-
-
-class Servers:
-    """Each answer's request the model servers were sent: its body and its stream."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[dict[str, Any], Held]] = []
-        self.arrival = threading.Condition()
-
-    def answer(self, request: httpx.Request) -> httpx.Response:
-        held = Held()
-        with self.arrival:
-            self.sent.append((json.loads(request.content), held))
-            self.arrival.notify_all()
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=held)
-
-    def bodies(self, count: int) -> list[dict[str, Any]]:
-        """The bodies of the requests sent so far, once at least `count` have arrived."""
-        with self.arrival:
-            assert self.arrival.wait_for(lambda: len(self.sent) >= count, WAIT), self.sent
-            return [body for body, _ in self.sent]
-
-    def stream(self, n: int) -> Held:
-        return self.sent[n][1]
 
 
 @pytest.fixture
 def servers(monkeypatch: pytest.MonkeyPatch) -> Servers:
-    fake = Servers()
-
-    def client(backend: Backend | None = None) -> TabbyClient:
-        config = TabbyConfig(base_url="http://model-server.test", api_key="test-api-key", admin_key="test-admin-key")
-        return TabbyClient(config, transport=httpx.MockTransport(fake.answer))
-
-    monkeypatch.setattr(streaming, "answer_client", client)
-    return fake
+    return faked_servers(monkeypatch)
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +52,7 @@ def first_request(key: str, servers: Servers) -> None:
     """A request answered the usual way: the key looked up, then the request sent; it is done with."""
     early = exchange.EarlyRequest()
     begin(key, BODY, chat_request, early)
-    servers.bodies(1)
+    servers.bodies_of(1)
     early.close()
     assert closed(servers.stream(0))
 
@@ -103,7 +67,7 @@ def test_the_next_request_goes_out_before_any_database_work_and_is_kept(
     with django_assert_num_queries(0):
         sent = quick_start(key, BODY, chat_request, early)
     assert sent is not None
-    assert len(servers.bodies(2)) == 2  # on its way before the key is looked up again
+    assert len(servers.bodies_of(2)) == 2  # on its way before the key is looked up again
     begun = begin(key, BODY, chat_request, early, sent)
     assert begun.conversation.owner.username == "alice"
     assert not servers.stream(1).closed.wait(0.3)  # kept: it was right
@@ -118,7 +82,7 @@ def test_a_key_revoked_meanwhile_is_refused_and_its_request_withdrawn(key: str, 
     early = exchange.EarlyRequest()
     sent = quick_start(key, BODY, chat_request, early)
     assert sent is not None
-    servers.bodies(2)
+    servers.bodies_of(2)
     with pytest.raises(ApiError) as refused:
         begin(key, BODY, chat_request, early, sent)
     assert refused.value.status == 401
@@ -133,7 +97,7 @@ def test_settings_changed_meanwhile_send_the_request_again_with_them(key: str, s
     sent = quick_start(key, BODY, chat_request, early)
     assert sent is not None
     begin(key, BODY, chat_request, early, sent)
-    bodies = servers.bodies(3)
+    bodies = servers.bodies_of(3)
     assert "temperature" not in bodies[1] and bodies[2]["temperature"] == 0.25
     assert closed(servers.stream(1))  # the one sent on trust ends unseen
     assert not servers.stream(2).closed.wait(0.3)
