@@ -15,7 +15,8 @@ from django.db import transaction
 from django.utils import timezone
 
 from chat.balance import can_answer, conversation_model
-from chat.generation import Answer, Claimed, EarlyRequest, answer_row, cancel_here, generate
+from chat.early import EarlyRequest
+from chat.generation import Answer, Claimed, answer_row, cancel_here, generate
 from chat.models import Conversation, Message
 from chat.prompts import asked, history
 from chat.queue import admit, check_room, position, release_here, schedule_positions, wake

@@ -23,7 +23,8 @@ from django.core.exceptions import ValidationError
 
 from chat import prompts, services
 from chat.balance import can_answer, default_model, likely_and_alone
-from chat.generation import EarlyRequest, cancel_here
+from chat.early import EarlyRequest
+from chat.generation import cancel_here
 from chat.models import Conversation, Message
 from chat.queue import schedule_positions, wake
 from chat.streaming import Prompt

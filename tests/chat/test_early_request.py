@@ -15,7 +15,7 @@ import pytest
 
 from chat import streaming
 from chat.balance import likely, model_for, pick
-from chat.generation import EarlyRequest
+from chat.early import EarlyRequest
 from chat.streaming import Prompt
 from models_admin.models import Backend
 from models_admin.tabby_client import TabbyClient, TabbyConfig
