@@ -96,6 +96,11 @@ async def in_web_thread(func: Callable[..., T], *args: Any) -> T:
     return await asyncio.get_running_loop().run_in_executor(web_threads(), _with_connections, func, args)
 
 
+def web_work(func: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+    """The same, as a future that any thread or event loop can wait for (`asyncio.wrap_future`)."""
+    return web_threads().submit(_with_connections, func, args)
+
+
 def _with_connections(func: Callable[..., T], args: tuple[Any, ...]) -> T:
     close_old_connections()  # as a request does at its start and end: drop broken or expired connections
     try:

@@ -11,10 +11,12 @@ gone), the conversation is deleted: an answer still running stops within a secon
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
@@ -30,13 +32,14 @@ from chat.queue import schedule_positions, wake
 from chat.streaming import Prompt
 from gantry.background import spawn
 from gantry.broadcast import CHAT_GROUP, Listening, conversation_group
-from gantry.serving import in_web_thread
+from gantry.serving import in_web_thread, web_work
 from gateway.keys import found_valid_within, user_of
 from gateway.openai_input import ApiError, Asked, json_body
 from models_admin.models import Backend, ModelSettings
 from models_admin.services import chat_state
 from models_admin.swap_scheduler import LoadRefused, check_request
 
+T = TypeVar("T")
 QUICK_FOR = 30.0  # seconds a key found valid, and a model's one backend and settings, are trusted by quick_start
 QUICK_BODY = 65536  # bytes of a request body read on the event loop by quick_start (larger ones: in a thread)
 COMMENT_EVERY = 5.0  # seconds: a held request hears where it stands at least this often
@@ -235,6 +238,13 @@ class Exchange:
         self.model = ""
         self.picked = ""  # the model it names, when it names one (not the default)
         self.listening: Listening | None = None
+        self.step: Future[Any] | None = None  # the last work of `open` in a web thread
+
+    async def _in_thread(self, func: Callable[..., T], *args: Any) -> T:
+        """`func` in a web thread. When the caller goes away meanwhile, it does not start, or runs to its
+        end: `close` then discards what it wrote once it is done (a conversation, a question)."""
+        self.step = web_work(func, *args)
+        return await asyncio.wrap_future(self.step)
 
     async def open(self, key: str, body: bytes, read: Callable[[dict[str, Any]], Asked]) -> None:
         """Read the request and post it to the queue (listening first, so no event of it is missed); a
@@ -243,7 +253,7 @@ class Exchange:
         sent = quick_start(key, body, read, self.early)
         if sent is not None:
             await self.early.taken()
-        begun = await in_web_thread(begin, key, body, read, self.early, sent)
+        begun = await self._in_thread(begin, key, body, read, self.early, sent)
         self.asked = begun.asked
         self.conversation_id, self.picked = begun.conversation.pk, begun.conversation.model_name
         self.channel = await self.layer.new_channel()
@@ -252,7 +262,7 @@ class Exchange:
         for group in self.groups:
             await self.layer.group_add(group, self.channel)
         try:
-            question, self.model = await in_web_thread(_post, begun)
+            question, self.model = await self._in_thread(_post, begun)
         except ValidationError as exc:
             self.close()
             raise ApiError(429, " ".join(exc.messages), kind="rate_limit_error", code="queue_full") from None
@@ -270,11 +280,16 @@ class Exchange:
         if self.early is not None:
             self.early.close()  # a request sent before its question was saved, if it never was
         conversation_id, self.conversation_id = self.conversation_id, None
-        spawn(self._leave(list(self.groups), self.channel, conversation_id))
+        spawn(self._leave(list(self.groups), self.channel, conversation_id, self.step))
 
-    async def _leave(self, groups: list[str], channel: str, conversation_id: int | None) -> None:
+    async def _leave(self, groups: list[str], channel: str, conversation_id: int | None, step: Future[Any] | None) -> None:
         for group in groups:
             await self.layer.group_discard(group, channel)
+        if step is not None:  # what a web thread still writes for a caller gone meanwhile goes too
+            await asyncio.wait([asyncio.wrap_future(step)])
+            begun = None if step.cancelled() or step.exception() is not None else step.result()
+            if conversation_id is None and isinstance(begun, Begun):
+                conversation_id = begun.conversation.pk
         if conversation_id is not None:
             await sync_to_async(discard)(conversation_id)
 
