@@ -5,6 +5,11 @@ relay) and with the server's key straight to the model server, asked back to bac
 - time to first token added by Gantry (target <= 5 ms): the median of the differences within pairs of
   short answers
 - tokens per second through Gantry against direct (target >= 0.97): the median of the ratios within pairs
+  of greedy answers (`temperature: 0`: both sides generate the same tokens, so a pair differs only by the
+  way it took), with the model server alone on one core and Gantry and the bench's client on the other, as
+  a GPU leaves the CPU to Gantry in production; tokens are counted from the answer's `usage`, since the
+  relay may send tokens that came together as one piece. The same with every process on both cores is
+  printed too, for reference: there Gantry's relay takes turns on the model server's core.
 
 The model server computes on one core (`cpu_threads: 1`), as in the chat benchmark.
 """
@@ -13,19 +18,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import tempfile
 import time
+from collections.abc import Awaitable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
-from bench.common import median, report
+from bench.common import median, pin, report
 from bench.site_bench import (
     FIRST_TOKEN_PAIRS,
     FIRST_TOKEN_TOKENS,
     MODEL,
+    MODEL_CORE,
     QUESTION,
     ROUNDS,
+    SITE_CORE,
     TOKENS,
     Run,
     after_a_pause,
@@ -34,20 +44,53 @@ from bench.site_bench import (
     summary,
 )
 from harness.site import MEMBER, Site, run_site
-from harness.tabby_server import API_KEY, DEMO_MODELS, run_tabby, wait_loaded
+from harness.tabby_server import API_KEY, DEMO_MODELS, TabbyServer, run_tabby, wait_loaded
+
+GREEDY_ROUNDS = 24
 
 
-async def streamed(client: httpx.AsyncClient, url: str, headers: dict[str, str], tokens: int) -> Run:
-    """(time to first piece, pieces per second, gaps) of one streamed chat completion at `url`."""
-    body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": tokens, "stream": True}
+async def streamed(client: httpx.AsyncClient, url: str, headers: dict[str, str], tokens: int, greedy: bool = False) -> Run:
+    """(time to first token, tokens per second, gaps between pieces) of one streamed chat completion at `url`:
+    the tokens are those its `usage` counts, up to the last piece."""
+    body = {
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if greedy:
+        body["temperature"] = 0
     started = time.perf_counter()
     stamps: list[float] = []
+    counted = 0
     async with client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as response:
         assert response.status_code == 200, await response.aread()
         async for line in response.aiter_lines():
-            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                counted = int(chunk["usage"]["completion_tokens"])
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 stamps.append(time.perf_counter())
-    return summary(started, stamps)
+    first, _, gaps = summary(started, stamps)
+    assert counted, "no usage in the stream"
+    return first, counted / max(stamps[-1] - started, 1e-9) if stamps else 0.0, gaps
+
+
+@contextmanager
+def apart(tabby: TabbyServer, site: Site) -> Iterator[None]:
+    """The model server alone on one core; daphne and this bench on the other."""
+    every = os.sched_getaffinity(0)
+    pin(tabby.process.pid, {MODEL_CORE})
+    pin(site.processes[0].pid, {SITE_CORE})
+    os.sched_setaffinity(0, {SITE_CORE})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, every)
+        pin(site.processes[0].pid, every)
+        pin(tabby.process.pid, every)
 
 
 def personal_key(site: Site) -> str:
@@ -57,21 +100,28 @@ def personal_key(site: Site) -> str:
         return str(made.json()["key"])
 
 
-async def measure(site: Site, tabby_url: str) -> None:
+async def measure(site: Site, tabby: TabbyServer) -> None:
     gantry = {"Authorization": f"Bearer {personal_key(site)}"}
     direct = {"x-api-key": API_KEY}
     async with httpx.AsyncClient(timeout=600) as client:
+
+        def through(tokens: int, greedy: bool = False) -> Awaitable[Run]:
+            return streamed(client, site.url, gantry, tokens, greedy)
+
+        def straight(tokens: int, greedy: bool = False) -> Awaitable[Run]:
+            return streamed(client, tabby.url, direct, tokens, greedy)
+
         for tokens in (FIRST_TOKEN_TOKENS, TOKENS):  # warm-up, both ways
-            await streamed(client, site.url, gantry, tokens)
-            await streamed(client, tabby_url, direct, tokens)
+            await through(tokens)
+            await straight(tokens)
         firsts = await in_pairs(
             FIRST_TOKEN_PAIRS,
-            lambda: after_a_pause(streamed(client, site.url, gantry, FIRST_TOKEN_TOKENS)),
-            lambda: after_a_pause(streamed(client, tabby_url, direct, FIRST_TOKEN_TOKENS)),
+            lambda: after_a_pause(through(FIRST_TOKEN_TOKENS)),
+            lambda: after_a_pause(straight(FIRST_TOKEN_TOKENS)),
         )
-        streams = await in_pairs(
-            ROUNDS, lambda: streamed(client, site.url, gantry, TOKENS), lambda: streamed(client, tabby_url, direct, TOKENS)
-        )
+        shared = await in_pairs(ROUNDS, lambda: through(TOKENS, True), lambda: straight(TOKENS, True))
+        with apart(tabby, site):
+            streams = await in_pairs(GREEDY_ROUNDS, lambda: through(TOKENS, True), lambda: straight(TOKENS, True))
     added = sorted((g[0] - d[0]) * 1000 for g, d in firsts)
     print(f"Streamed /v1/chat/completions through Gantry (personal key) vs the model server directly, {MODEL}:")
     report(
@@ -98,7 +148,17 @@ async def measure(site: Site, tabby_url: str) -> None:
         "",
         None,
         ">= 0.97",
-        f"{TOKENS} tokens, {ROUNDS} pairs; quartiles {percentile(ratios, 25):.3f} / {percentile(ratios, 75):.3f}",
+        f"{TOKENS} greedy tokens, {GREEDY_ROUNDS} pairs, the model server on core {MODEL_CORE} alone; "
+        f"quartiles {percentile(ratios, 25):.3f} / {percentile(ratios, 75):.3f}",
+    )
+    everywhere = sorted(g[1] / d[1] for g, d in shared)
+    report(
+        "the same, every process on both cores (for reference)",
+        median(everywhere),
+        "",
+        None,
+        "",
+        f"{ROUNDS} pairs; quartiles {percentile(everywhere, 25):.3f} / {percentile(everywhere, 75):.3f}",
     )
 
 
@@ -108,7 +168,7 @@ def main() -> None:
         with run_tabby(Path(workdir) / "tabby", DEMO_MODELS, config=config) as tabby:
             wait_loaded(tabby, MODEL)
             with run_site(Path(workdir) / "site", tabby.url, extra_env={"GANTRY_MAX_ANSWER_TOKENS": str(TOKENS)}) as site:
-                asyncio.run(measure(site, tabby.url))
+                asyncio.run(measure(site, tabby))
 
 
 if __name__ == "__main__":
