@@ -62,10 +62,12 @@ async def streamed(client: httpx.AsyncClient, url: str, headers: dict[str, str],
         body["temperature"] = 0
     started = time.perf_counter()
     stamps: list[float] = []
-    counted = 0
+    counted: int | None = None
+    last = ""
     async with client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as response:
         assert response.status_code == 200, await response.aread()
         async for line in response.aiter_lines():
+            last = line or last
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[6:])
@@ -74,7 +76,7 @@ async def streamed(client: httpx.AsyncClient, url: str, headers: dict[str, str],
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 stamps.append(time.perf_counter())
     first, _, gaps = summary(started, stamps)
-    assert counted, "no usage in the stream"
+    assert counted is not None, f"no usage in the stream of {url} ({len(stamps)} pieces; its last line: {last})"
     return first, counted / max(stamps[-1] - started, 1e-9) if stamps else 0.0, gaps
 
 
