@@ -125,9 +125,14 @@ async def measure(site: Site, tabby: TabbyServer) -> None:
         shared = await in_pairs(ROUNDS, lambda: through(TOKENS, True), lambda: straight(TOKENS, True))
         with apart(tabby, site):
             streams = await in_pairs(GREEDY_ROUNDS, lambda: through(TOKENS, True), lambda: straight(TOKENS, True))
+    print(f"Streamed /v1/chat/completions through Gantry (personal key) vs the model server directly, {MODEL}:")
+    first_token_figures(firsts)
+    speed_figures(streams, shared)
+
+
+def first_token_figures(firsts: list[tuple[Run, Run]]) -> None:
     firsts = [(g, d) for g, d in firsts if not math.isnan(g[0] - d[0])]  # an answer that ended at once has no first token
     added = sorted((g[0] - d[0]) * 1000 for g, d in firsts)
-    print(f"Streamed /v1/chat/completions through Gantry (personal key) vs the model server directly, {MODEL}:")
     report(
         "time to first token through Gantry's API",
         median([g[0] * 1000 for g, _ in firsts]),
@@ -142,6 +147,9 @@ async def measure(site: Site, tabby: TabbyServer) -> None:
         "<= 5 ms",
         f"{len(firsts)} pairs; quartiles {percentile(added, 25):.1f} / {percentile(added, 75):.1f} ms",
     )
+
+
+def speed_figures(streams: list[tuple[Run, Run]], shared: list[tuple[Run, Run]]) -> None:
     ratios = sorted(g[1] / d[1] for g, d in streams)
     report(
         "tokens/s through Gantry's API (medians)", median([g[1] for g, _ in streams]), "tok/s", median([d[1] for _, d in streams])
