@@ -93,7 +93,7 @@ def login_threads() -> concurrent.futures.ThreadPoolExecutor:
 
 async def in_web_thread(func: Callable[..., T], *args: Any) -> T:
     """Run an async view's sync part (database work) in a web thread, in turn with the sync views."""
-    return await asyncio.get_running_loop().run_in_executor(web_threads(), _with_connections, func, args)
+    return await asyncio.wrap_future(web_work(func, *args))
 
 
 def web_work(func: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:

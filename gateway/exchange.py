@@ -272,21 +272,22 @@ class Exchange:
             self.state = await in_web_thread(chat_state)  # what it waits for, until the next change says
         self.held_since = time.monotonic()
 
-    def close(self) -> None:
+    def close(self) -> Future[None]:
         """Stop listening and discard the request (from anywhere, a cancelled task included: the work is
-        spawned, never awaited here)."""
+        spawned, never awaited here; the future it gives ends with it)."""
         if self.listening is not None:
             self.listening.close()
         if self.early is not None:
             self.early.close()  # a request sent before its question was saved, if it never was
         conversation_id, self.conversation_id = self.conversation_id, None
-        spawn(self._leave(list(self.groups), self.channel, conversation_id, self.step))
+        return spawn(self._leave(list(self.groups), self.channel, conversation_id, self.step))
 
     async def _leave(self, groups: list[str], channel: str, conversation_id: int | None, step: Future[Any] | None) -> None:
         for group in groups:
             await self.layer.group_discard(group, channel)
         if step is not None:  # what a web thread still writes for a caller gone meanwhile goes too
-            await asyncio.wait([asyncio.wrap_future(step)])
+            if not step.done():
+                await asyncio.wait([asyncio.wrap_future(step)])
             begun = None if step.cancelled() or step.exception() is not None else step.result()
             if conversation_id is None and isinstance(begun, Begun):
                 conversation_id = begun.conversation.pk
