@@ -19,16 +19,14 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import tempfile
 import time
-from collections.abc import Awaitable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable
 from pathlib import Path
 
 import httpx
 
-from bench.common import median, pin, report
+from bench.common import median, report
 from bench.site_bench import (
     FIRST_TOKEN_PAIRS,
     FIRST_TOKEN_TOKENS,
@@ -41,6 +39,7 @@ from bench.site_bench import (
     Run,
     after_a_pause,
     in_pairs,
+    on_cores,
     percentile,
     summary,
 )
@@ -81,21 +80,6 @@ async def streamed(client: httpx.AsyncClient, url: str, headers: dict[str, str],
     return first, counted / max(stamps[-1] - started, 1e-9) if stamps else 0.0, gaps
 
 
-@contextmanager
-def apart(tabby: TabbyServer, site: Site) -> Iterator[None]:
-    """The model server alone on one core; daphne and this bench on the other."""
-    every = os.sched_getaffinity(0)
-    pin(tabby.process.pid, {MODEL_CORE})
-    pin(site.processes[0].pid, {SITE_CORE})
-    os.sched_setaffinity(0, {SITE_CORE})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, every)
-        pin(site.processes[0].pid, every)
-        pin(tabby.process.pid, every)
-
-
 def personal_key(site: Site) -> str:
     with site.session(MEMBER) as session:
         made = session.post("/api/keys", json={"name": "bench"})
@@ -123,7 +107,7 @@ async def measure(site: Site, tabby: TabbyServer) -> None:
             lambda: after_a_pause(straight(FIRST_TOKEN_TOKENS)),
         )
         shared = await in_pairs(ROUNDS, lambda: through(TOKENS, True), lambda: straight(TOKENS, True))
-        with apart(tabby, site):
+        with on_cores(tabby, site, bench_core=SITE_CORE):  # the model server alone on its core
             streams = await in_pairs(GREEDY_ROUNDS, lambda: through(TOKENS, True), lambda: straight(TOKENS, True))
     print(f"Streamed /v1/chat/completions through Gantry (personal key) vs the model server directly, {MODEL}:")
     first_token_figures(firsts)

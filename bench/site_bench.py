@@ -264,17 +264,19 @@ def main() -> None:
 
 
 @contextmanager
-def on_cores(tabby: TabbyServer, site: Site) -> Iterator[int]:
-    """The model server and this bench on one core, daphne alone on the other; gives daphne's pid."""
+def on_cores(tabby: TabbyServer, site: Site, bench_core: int = MODEL_CORE) -> Iterator[int]:
+    """The model server on one core, daphne on the other, this bench on `bench_core` (beside the model
+    server unless told); gives daphne's pid."""
     daphne = site.processes[0].pid
     every = os.sched_getaffinity(0)
     pin(tabby.process.pid, {MODEL_CORE})
     pin(daphne, {SITE_CORE})
-    os.sched_setaffinity(0, {MODEL_CORE})
+    os.sched_setaffinity(0, {bench_core})
     try:
         yield daphne
     finally:
         os.sched_setaffinity(0, every)
+        pin(daphne, every)
         pin(tabby.process.pid, every)
 
 
